@@ -1,0 +1,158 @@
+"""One masking core for clips and images.
+
+Tokens live on a ``(T', S)`` grid: ``T'`` time slots (frames / tubelet) by ``S`` spatial positions
+(``H/p * W/p``), flattened in ``(t, s)`` order exactly as the patch embedding flattens ``(t, h, w)``.
+An image is the grid with ``T' = 1``, so it goes through the same code.
+
+A mask is a bool tensor ``(B, T' * S)``, True = masked, with the same masked count in every sample.
+
+Units:
+  * ``tube``  -- one spatial position masked for every time slot (VideoMAE tube masking); hard
+    selection averages the predicted scores over time and picks whole spatial tubes;
+  * ``token`` -- every spacetime token chosen independently.
+
+Everything is vectorised on the device that holds the scores: no per-sample loop, no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK_UNITS = ("tube", "token")
+MASKING_MODES = ("random", "hpm")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")
+
+
+def num_masked_per_unit_row(num_units: int, mask_ratio: float) -> int:
+    """Masked count over ``num_units`` candidates (rounded down, as VideoMAE does)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return int(mask_ratio * num_units)
+
+
+def num_masked_tokens(grid: tuple[int, int], mask_ratio: float, unit: str = "tube") -> int:
+    """Masked tokens per sample for a ``(T', S)`` grid, e.g. 176 * 8 = 1408 for 8 x 196 at 0.9."""
+    check_choice("mask unit", unit, MASK_UNITS)
+    time_slots, spatial = grid
+    if unit == "tube":
+        return num_masked_per_unit_row(spatial, mask_ratio) * time_slots
+    return num_masked_per_unit_row(time_slots * spatial, mask_ratio)
+
+
+def easy_to_hard_alpha(epoch: float, total_epochs: int, alpha_max: float = 0.5) -> float:
+    """Share of the masked budget given to the hardest predicted tokens: rises linearly to alpha_max."""
+    if total_epochs <= 0:
+        raise ValueError(f"total_epochs must be positive, got {total_epochs}")
+    return alpha_max * min(1.0, (epoch + 1) / total_epochs)
+
+
+def _mask_from_priority(priority: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """Bool mask ``(B, U)`` marking the ``num_masked`` highest-priority units of each row."""
+    mask = torch.zeros_like(priority, dtype=torch.bool)
+    if num_masked == 0:
+        return mask
+    top = torch.topk(priority, num_masked, dim=1, sorted=False).indices
+    return mask.scatter_(1, top, True)
+
+
+def _expand_units(unit_mask: torch.Tensor, grid: tuple[int, int], unit: str) -> torch.Tensor:
+    """Spatial-tube mask ``(B, S)`` -> token mask ``(B, T' * S)``; token masks pass through."""
+    if unit == "tube":
+        return unit_mask.unsqueeze(1).expand(-1, grid[0], -1).reshape(unit_mask.shape[0], -1)
+    return unit_mask
+
+
+def random_mask(
+    batch_size: int,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    unit: str = "tube",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Uniformly random mask ``(B, T' * S)`` (VideoMAE tube masking when ``unit='tube'``)."""
+    check_choice("mask unit", unit, MASK_UNITS)
+    num_units = grid[1] if unit == "tube" else grid[0] * grid[1]
+    noise = torch.rand(batch_size, num_units, generator=generator, device=device)
+    unit_mask = _mask_from_priority(noise, num_masked_per_unit_row(num_units, mask_ratio))
+    return _expand_units(unit_mask, grid, unit)
+
+
+def hard_mask(
+    scores: torch.Tensor,
+    mask_ratio: float,
+    alpha: float,
+    unit: str = "tube",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Easy-to-hard mask from predicted per-token losses ``scores`` ``(B, T', S)``.
+
+    Of the ``n`` masked units, the ``int(n * alpha)`` with the highest predicted loss are always
+    masked; the rest are drawn uniformly from the remaining units. Vectorised as: uniform noise in
+    [0, 1), the hard units lifted to +inf, then the top ``n`` of that priority.
+    """
+    check_choice("mask unit", unit, MASK_UNITS)
+    if scores.ndim != 3:
+        raise ValueError(f"scores must be (B, T', S), got shape {tuple(scores.shape)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    batch, time_slots, spatial = scores.shape
+    grid = (time_slots, spatial)
+    # (B, S) for tubes: a tube is as hard as its time-averaged tokens; (B, T'*S) for tokens.
+    unit_scores = scores.float().mean(dim=1) if unit == "tube" else scores.float().flatten(1)
+    num_units = unit_scores.shape[1]
+    n_mask = num_masked_per_unit_row(num_units, mask_ratio)
+    n_hard = int(n_mask * alpha)
+    noise = torch.rand(unit_scores.shape, generator=generator, device=scores.device)
+    if n_hard > 0:
+        hardest = torch.topk(unit_scores, n_hard, dim=1, sorted=False).indices
+        noise = noise.scatter(1, hardest, float("inf"))
+    unit_mask = _mask_from_priority(noise, n_mask)
+    return _expand_units(unit_mask, grid, unit)
+
+
+def visible_and_masked_ids(mask: torch.Tensor, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of visible and masked tokens, each in original token order.
+
+    A stable sort of the mask puts visible (False) before masked (True) tokens without reordering
+    either group, which is the order ``x[~mask]`` / ``x[mask]`` would give, but with fixed shapes
+    and without a host sync. ``num_masked`` must be the (common) masked count per sample.
+    """
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+    num_visible = mask.shape[1] - num_masked
+    return order[:, :num_visible], order[:, num_visible:]
+
+
+def check_mask(mask: torch.Tensor, batch: int, num_tokens: int) -> int:
+    """Validate a user-supplied mask and return its per-sample masked count (one host sync)."""
+    if mask.dtype != torch.bool or mask.shape != (batch, num_tokens):
+        raise ValueError(
+            f"mask must be bool of shape ({batch}, {num_tokens}), got {mask.dtype} {tuple(mask.shape)}"
+        )
+    counts = mask.sum(dim=1)
+    if batch and not bool((counts == counts[0]).all()):
+        raise ValueError(f"every sample must mask the same number of tokens, got counts {counts.tolist()}")
+    return int(counts[0]) if batch else 0
+
+
+class MaskGenerator:
+    """Makes masks for one token grid and configuration; see ``random_mask`` and ``hard_mask``."""
+
+    def __init__(self, grid: tuple[int, int], mask_ratio: float, unit: str = "tube") -> None:
+        check_choice("mask unit", unit, MASK_UNITS)
+        self.grid = grid
+        self.mask_ratio = mask_ratio
+        self.unit = unit
+        self.num_masked = num_masked_tokens(grid, mask_ratio, unit)
+
+    def random(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        return random_mask(batch_size, self.grid, self.mask_ratio, self.unit, generator, device)
+
+    def hard(self, scores: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        if tuple(scores.shape[1:]) != self.grid:
+            raise ValueError(f"scores of shape {tuple(scores.shape)} do not match the token grid {self.grid}")
+        return hard_mask(scores, self.mask_ratio, alpha, self.unit, generator)

@@ -1,0 +1,120 @@
+"""The HPM objective: normalized-pixel targets, reconstruction loss and loss-prediction losses.
+
+All functions are pure and stay on the device of their inputs (no host syncs), so the training step
+can log their values only every N steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+PRED_LOSSES = ("relative", "absolute")
+
+
+def patchify_targets(
+    videos: torch.Tensor,
+    tubelet_size: int,
+    patch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Reconstruction targets ``(B, N, tubelet * p * p * C)`` from normalised clips ``(B, C, T, H, W)``.
+
+    Frames are first mapped back to [0, 1] with the dataset ``mean``/``std``. With ``normalize``
+    every tube is standardised per channel over its ``tubelet * p * p`` pixels using the unbiased
+    std plus 1e-6 (VideoMAE's target); values are flattened in ``(t, h, w, c)`` order. Computed in
+    fp32 whatever the input dtype, since a bf16 variance is too coarse for the target.
+    """
+    x = videos.float()
+    mean_t = x.new_tensor(mean).view(1, -1, 1, 1, 1)
+    std_t = x.new_tensor(std).view(1, -1, 1, 1, 1)
+    x = x * std_t + mean_t
+    tubes = rearrange(
+        x,
+        "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c",
+        p0=tubelet_size,
+        p1=patch_size,
+        p2=patch_size,
+    )
+    if normalize:
+        tubes = (tubes - tubes.mean(dim=-2, keepdim=True)) / (
+            tubes.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6
+        )
+    return rearrange(tubes, "b n p c -> b n (p c)")
+
+
+def unpatchify(
+    tokens: torch.Tensor, grid: tuple[int, int, int], tubelet_size: int, patch_size: int, channels: int = 3
+) -> torch.Tensor:
+    """Inverse of the token flattening: ``(B, N, tubelet*p*p*C)`` -> ``(B, C, T, H, W)``."""
+    t, h, w = grid
+    return rearrange(
+        tokens,
+        "b (t h w) (p0 p1 p2 c) -> b c (t p0) (h p1) (w p2)",
+        t=t,
+        h=h,
+        w=w,
+        p0=tubelet_size,
+        p1=patch_size,
+        p2=patch_size,
+        c=channels,
+    )
+
+
+def per_token_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each token ``(B, M)`` from ``(B, M, D)`` predictions and targets."""
+    return (pred.float() - target.float()).pow(2).mean(dim=-1)
+
+
+def relative_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pairwise logistic (RankNet-style) loss that teaches ``pred`` the order of ``target``.
+
+    For every ordered pair (i, j) of tokens in the same sample with ``t_i != t_j`` the term is
+    ``softplus(-sign(t_j - t_i) * (p_j - p_i))``; the result is the mean over all non-tie pairs of
+    the batch. ``target`` is expected to be detached already. Memory is ``B * M * M``.
+    """
+    pred = pred.float()
+    target = target.float()
+    target_order = torch.sign(target.unsqueeze(1) - target.unsqueeze(2))  # [b, i, j] = sign(t_j - t_i)
+    pred_gap = pred.unsqueeze(1) - pred.unsqueeze(2)  # [b, i, j] = p_j - p_i
+    valid = target_order != 0
+    terms = F.softplus(-target_order * pred_gap) * valid
+    return terms.sum() / valid.sum().clamp(min=1)
+
+
+def absolute_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between ``pred`` and the per-sample z-normalised ``target`` (the paper's ablation)."""
+    target = target.float()
+    z = (target - target.mean(dim=1, keepdim=True)) / (target.std(dim=1, keepdim=True) + 1e-6)
+    return F.mse_loss(pred.float(), z)
+
+
+def prediction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    if kind == "relative":
+        return relative_loss(pred, target)
+    if kind == "absolute":
+        return absolute_loss(pred, target)
+    raise ValueError(f"unknown prediction loss {kind!r}; valid: {', '.join(PRED_LOSSES)}")
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort(dim=1).argsort(dim=1).float()
+
+
+def rank_correlation(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation between predicted and true per-token loss, averaged over samples.
+
+    This is how a user sees the loss predictor learning: ~0 at random, toward 1 as it learns which
+    tokens are hard. Ties are broken by position, which is harmless for continuous losses.
+    """
+    rp = _ranks(pred.detach().float())
+    rt = _ranks(target.detach().float())
+    rp = rp - rp.mean(dim=1, keepdim=True)
+    rt = rt - rt.mean(dim=1, keepdim=True)
+    corr = (rp * rt).sum(dim=1) / (rp.norm(dim=1) * rt.norm(dim=1)).clamp(min=1e-12)
+    return corr.mean()
