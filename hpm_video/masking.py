@@ -103,7 +103,7 @@ def hard_mask(
     batch, time_slots, spatial = scores.shape
     grid = (time_slots, spatial)
     # (B, S) for tubes: a tube is as hard as its time-averaged tokens; (B, T'*S) for tokens.
-    unit_scores = scores.float().mean(dim=1) if unit == "tube" else scores.float().flatten(1)
+    unit_scores = scores.mean(dim=1) if unit == "tube" else scores.flatten(1)
     num_units = unit_scores.shape[1]
     n_mask = num_masked_per_unit_row(num_units, mask_ratio)
     n_hard = int(n_mask * alpha)

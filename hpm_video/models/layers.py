@@ -90,9 +90,11 @@ class TubePatchEmbed(nn.Module):
         )
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
-        """``(T', H', W')`` token grid of a clip, after checking its shape."""
+        """``(T', H', W')`` token grid of a clip (or a ``(B, C, H, W)`` image), after checking its shape."""
+        if x.ndim == 4:
+            x = x.unsqueeze(2)
         if x.ndim != 5:
-            raise ValueError(f"expected a clip of shape (B, C, T, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"expected a clip (B, C, T, H, W) or an image (B, C, H, W), got {tuple(x.shape)}")
         _, c, t, h, w = x.shape
         if c != self.in_chans:
             raise ValueError(f"clip {tuple(x.shape)} has {c} channels, the model expects {self.in_chans}")
@@ -101,8 +103,14 @@ class TubePatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.token_grid(x)
+        x = as_clip(x)
         x = self.proj(x)  # (B, D, T', H', W')
         return rearrange(x, "b d t h w -> b (t h w) d")
+
+
+def as_clip(x: torch.Tensor) -> torch.Tensor:
+    """An image batch ``(B, C, H, W)`` is a batch of one-frame clips ``(B, C, 1, H, W)``."""
+    return x.unsqueeze(2) if x.ndim == 4 else x
 
 
 def check_divisible(frames: int, height: int, width: int, tubelet: int, patch: int) -> None:

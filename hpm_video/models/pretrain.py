@@ -26,7 +26,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from hpm_video import masking as masklib
-from hpm_video.models.layers import SinCosPositionTable, TubePatchEmbed, init_vit_weights, make_blocks
+from hpm_video.models.layers import SinCosPositionTable, TubePatchEmbed, as_clip, init_vit_weights, make_blocks
 from hpm_video.objective import (
     PRED_LOSSES,
     patchify_targets,
@@ -270,6 +270,7 @@ class HPMPretrainModel(nn.Module):
         parts = self.teacher if (use_teacher and self.teacher is not None) else self._student_parts()
         if parts["loss_predictor"] is None:
             raise ValueError("this model has no loss predictor to score tokens with")
+        videos = as_clip(videos)
         t, h, w = self.token_grid(videos)
         latent = parts["encoder"](videos)  # (B, N, D)
         x = parts["encoder_to_decoder"](latent)
@@ -346,6 +347,7 @@ class HPMPretrainModel(nn.Module):
         Returns ``loss`` (to backpropagate), ``loss_rec``, and with a predictor ``loss_pred`` and
         ``rank_corr``; also ``mask`` ``(B, N)`` and detached per-token values for visualisation.
         """
+        videos = as_clip(videos)
         batch = videos.shape[0]
         t, h, w = self.token_grid(videos)
         num_tokens = t * h * w

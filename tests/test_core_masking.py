@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from hpm_video import masking
+
+
+@pytest.mark.parametrize("grid", [(8, 196), (4, 16), (1, 49)])
+@pytest.mark.parametrize("unit", ["tube", "token"])
+def test_random_mask_counts_and_structure(grid, unit):
+    mask = masking.random_mask(6, grid, 0.9, unit, generator=torch.Generator().manual_seed(0))
+    t, s = grid
+    assert mask.shape == (6, t * s) and mask.dtype == torch.bool
+    expected = masking.num_masked_tokens(grid, 0.9, unit)
+    assert (mask.sum(1) == expected).all()
+    if unit == "tube":
+        per_slot = mask.view(6, t, s)
+        assert (per_slot == per_slot[:, :1]).all(), "a tube mask is the same in every time slot"
+        assert (per_slot[:, 0].sum(1) == int(0.9 * s)).all()
+
+
+def test_videomae_tube_count():
+    assert masking.num_masked_tokens((8, 196), 0.9, "tube") == 176 * 8
+    mask = masking.random_mask(2, (8, 196), 0.9, "tube")
+    assert ((~mask).sum(1) == 160).all()
+
+
+def test_random_masks_differ_across_samples_and_are_seeded():
+    a = masking.random_mask(4, (2, 64), 0.75, "token", generator=torch.Generator().manual_seed(3))
+    b = masking.random_mask(4, (2, 64), 0.75, "token", generator=torch.Generator().manual_seed(3))
+    c = masking.random_mask(4, (2, 64), 0.75, "token", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("unit", ["tube", "token"])
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_hard_mask_contains_top_k_and_follows_alpha(unit, alpha):
+    gen = torch.Generator().manual_seed(1)
+    batch, t, s = 5, 4, 49
+    scores = torch.randn(batch, t, s, generator=gen)
+    mask = masking.hard_mask(scores, 0.75, alpha, unit, generator=gen)
+    expected = masking.num_masked_tokens((t, s), 0.75, unit)
+    assert (mask.sum(1) == expected).all()
+    if unit == "tube":
+        unit_scores, unit_mask = scores.mean(1), mask.view(batch, t, s)[:, 0]
+        assert (mask.view(batch, t, s) == unit_mask[:, None]).all()
+    else:
+        unit_scores, unit_mask = scores.flatten(1), mask
+    n_mask = int(0.75 * unit_scores.shape[1])
+    k = int(n_mask * alpha)
+    top = unit_scores.topk(k, dim=1).indices
+    assert unit_mask.gather(1, top).all(), "the k hardest units are always masked"
+
+
+def test_hard_mask_rest_is_random():
+    # With alpha = 0 the scores must not matter: the hardest unit is masked at about the base rate.
+    scores = torch.zeros(2000, 1, 16)
+    scores[:, 0, 0] = 10.0
+    mask = masking.hard_mask(scores, 0.5, 0.0, "token", generator=torch.Generator().manual_seed(0))
+    rate = mask[:, 0].float().mean().item()
+    assert 0.4 < rate < 0.6
+    # With alpha = 0.5 the hard half is fixed and the other half is spread over the rest.
+    scores = torch.arange(16.0).repeat(2000, 1, 1)
+    mask = masking.hard_mask(scores, 0.5, 0.5, "token", generator=torch.Generator().manual_seed(0))
+    assert mask[:, 12:].all()
+    rest = mask[:, :12].float().mean(0)
+    assert (rest > 0.2).all() and (rest < 0.47).all()  # 4 of 12 on average = 0.33
+
+
+def test_hard_mask_seeded():
+    scores = torch.randn(3, 2, 16)
+    a = masking.hard_mask(scores, 0.75, 0.3, "tube", generator=torch.Generator().manual_seed(9))
+    b = masking.hard_mask(scores, 0.75, 0.3, "tube", generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+
+def test_alpha_schedule():
+    assert masking.easy_to_hard_alpha(0, 800) == pytest.approx(0.5 / 800)
+    assert masking.easy_to_hard_alpha(399, 800) == pytest.approx(0.25)
+    assert masking.easy_to_hard_alpha(799, 800) == pytest.approx(0.5)
+
+
+def test_visible_and_masked_ids_keep_token_order():
+    mask = masking.random_mask(3, (2, 8), 0.5, "token", generator=torch.Generator().manual_seed(0))
+    vis, msk = masking.visible_and_masked_ids(mask, 8)
+    for b in range(3):
+        assert vis[b].tolist() == torch.nonzero(~mask[b]).flatten().tolist()
+        assert msk[b].tolist() == torch.nonzero(mask[b]).flatten().tolist()
+
+
+def test_bad_input_is_refused_with_names():
+    with pytest.raises(ValueError, match="valid: tube, token"):
+        masking.random_mask(1, (1, 4), 0.5, "cube")
+    with pytest.raises(ValueError, match=r"\(B, T', S\)"):
+        masking.hard_mask(torch.zeros(2, 16), 0.5, 0.1)
+    uneven = torch.zeros(2, 4, dtype=torch.bool)
+    uneven[0, 0] = True
+    with pytest.raises(ValueError, match="same number"):
+        masking.check_mask(uneven, 2, 4)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
+        masking.check_mask(uneven, 2, 5)
+    gen = masking.MaskGenerator((2, 16), 0.5)
+    with pytest.raises(ValueError, match="token grid"):
+        gen.hard(torch.zeros(1, 4, 16), 0.1)
