@@ -66,6 +66,25 @@ def _expand_units(unit_mask: torch.Tensor, grid: tuple[int, int], unit: str) -> 
     return unit_mask
 
 
+def uniform_noise(
+    batch_size: int,
+    num_units: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
+    """Uniform noise ``(B, U)``; with ``shard=(rank, world)`` the rows of this rank in a global batch.
+
+    Every rank draws the noise of the whole global batch from the same generator stream and keeps its
+    slice, so a run on N processes masks exactly like one process with the N-times batch.
+    """
+    rank, world = shard
+    if world == 1:
+        return torch.rand(batch_size, num_units, generator=generator, device=device)
+    noise = torch.rand(batch_size * world, num_units, generator=generator, device=device)
+    return noise[rank * batch_size : (rank + 1) * batch_size]
+
+
 def random_mask(
     batch_size: int,
     grid: tuple[int, int],
@@ -73,11 +92,12 @@ def random_mask(
     unit: str = "tube",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Uniformly random mask ``(B, T' * S)`` (VideoMAE tube masking when ``unit='tube'``)."""
     check_choice("mask unit", unit, MASK_UNITS)
     num_units = grid[1] if unit == "tube" else grid[0] * grid[1]
-    noise = torch.rand(batch_size, num_units, generator=generator, device=device)
+    noise = uniform_noise(batch_size, num_units, generator, device, shard)
     unit_mask = _mask_from_priority(noise, num_masked_per_unit_row(num_units, mask_ratio))
     return _expand_units(unit_mask, grid, unit)
 
@@ -88,6 +108,7 @@ def hard_mask(
     alpha: float,
     unit: str = "tube",
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Easy-to-hard mask from predicted per-token losses ``scores`` ``(B, T', S)``.
 
@@ -107,7 +128,7 @@ def hard_mask(
     num_units = unit_scores.shape[1]
     n_mask = num_masked_per_unit_row(num_units, mask_ratio)
     n_hard = int(n_mask * alpha)
-    noise = torch.rand(unit_scores.shape, generator=generator, device=scores.device)
+    noise = uniform_noise(batch, num_units, generator, scores.device, shard)
     if n_hard > 0:
         hardest = torch.topk(unit_scores, n_hard, dim=1, sorted=False).indices
         noise = noise.scatter(1, hardest, float("inf"))
@@ -149,10 +170,18 @@ class MaskGenerator:
         self.unit = unit
         self.num_masked = num_masked_tokens(grid, mask_ratio, unit)
 
-    def random(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        return random_mask(batch_size, self.grid, self.mask_ratio, self.unit, generator, device)
+    def random(
+        self, batch_size: int, device=None, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+    ) -> torch.Tensor:
+        return random_mask(batch_size, self.grid, self.mask_ratio, self.unit, generator, device, shard)
 
-    def hard(self, scores: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def hard(
+        self,
+        scores: torch.Tensor,
+        alpha: float,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> torch.Tensor:
         if tuple(scores.shape[1:]) != self.grid:
             raise ValueError(f"scores of shape {tuple(scores.shape)} do not match the token grid {self.grid}")
-        return hard_mask(scores, self.mask_ratio, alpha, self.unit, generator)
+        return hard_mask(scores, self.mask_ratio, alpha, self.unit, generator, shard)

@@ -103,3 +103,19 @@ def test_bad_input_is_refused_with_names():
     gen = masking.MaskGenerator((2, 16), 0.5)
     with pytest.raises(ValueError, match="token grid"):
         gen.hard(torch.zeros(1, 4, 16), 0.1)
+
+
+@pytest.mark.parametrize("mode", ["random", "hard"])
+def test_sharded_masks_equal_the_global_batch(mode):
+    scores = torch.randn(8, 2, 16)
+    gen = masking.MaskGenerator((2, 16), 0.75, "tube")
+
+    def make(rows, shard):
+        g = torch.Generator().manual_seed(5)
+        if mode == "random":
+            return gen.random(rows.shape[0], generator=g, shard=shard)
+        return gen.hard(rows, 0.25, generator=g, shard=shard)
+
+    whole = make(scores, (0, 1))
+    parts = [make(scores[r * 4 : (r + 1) * 4], (r, 2)) for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)

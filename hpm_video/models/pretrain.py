@@ -280,13 +280,22 @@ class HPMPretrainModel(nn.Module):
 
     @torch.no_grad()
     def generate_mask(
-        self, videos: torch.Tensor, alpha: float = 0.0, generator: torch.Generator | None = None
+        self,
+        videos: torch.Tensor,
+        alpha: float = 0.0,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:
-        """The step's mask ``(B, N)``: uniform for ``random``, teacher-guided for ``hpm``."""
+        """The step's mask ``(B, N)``: uniform for ``random``, teacher-guided for ``hpm``.
+
+        ``shard=(rank, world)`` with a generator shared by all ranks makes the masks of N processes
+        those of one process with the global batch (see ``masking.uniform_noise``).
+        """
+        videos = as_clip(videos)
         gen = self.mask_generator(self.token_grid(videos))
         if self.masking == "hpm":
-            return gen.hard(self.score_tokens(videos, use_teacher=True), alpha, generator)
-        return gen.random(videos.shape[0], device=videos.device, generator=generator)
+            return gen.hard(self.score_tokens(videos, use_teacher=True), alpha, generator, shard)
+        return gen.random(videos.shape[0], device=videos.device, generator=generator, shard=shard)
 
     # ---------------------------------------------------------------------------------- forward
     def forward_encoder(self, videos: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -341,6 +350,7 @@ class HPMPretrainModel(nn.Module):
         alpha: float = 0.0,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> dict[str, torch.Tensor]:
         """One pretraining step's forward on clips ``(B, C, T, H, W)``.
 
@@ -352,7 +362,7 @@ class HPMPretrainModel(nn.Module):
         t, h, w = self.token_grid(videos)
         num_tokens = t * h * w
         if mask is None:
-            mask = self.generate_mask(videos, alpha, generator)
+            mask = self.generate_mask(videos, alpha, generator, shard)
             num_masked = self.mask_generator((t, h, w)).num_masked
         else:
             num_masked = masklib.check_mask(mask, batch, num_tokens)

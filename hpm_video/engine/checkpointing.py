@@ -1,0 +1,88 @@
+"""DeepSpeed checkpoints that survive a kill at any moment.
+
+Layout: ``OUTPUT_DIR/checkpoints/epoch-NNNN/`` (a DeepSpeed tag). After every rank has written its
+files, rank 0 writes ``COMPLETE`` (atomically, with the client state as JSON). Resume only considers
+tags that have it, so a run killed mid-save falls back to the previous checkpoint. Older complete
+checkpoints beyond ``keep_last`` are removed only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from hpm_video.engine import distributed as dist_utils
+
+MARKER = "COMPLETE"
+TAG_RE = re.compile(r"^epoch-(\d{4,})$")
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def tag_for_epoch(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """``(epoch, path)`` of every complete checkpoint, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = TAG_RE.match(name)
+        if match and os.path.isfile(os.path.join(root, name, MARKER)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def read_client_state(tag_dir: str) -> dict:
+    with open(os.path.join(tag_dir, MARKER)) as f:
+        return json.load(f)
+
+
+def save(engine, output_dir: str, epoch: int, client_state: dict, keep_last: int = 2) -> str:
+    """Save a DeepSpeed checkpoint for the end of ``epoch``; every rank must call this."""
+    root = checkpoint_root(output_dir)
+    tag = tag_for_epoch(epoch)
+    tag_dir = os.path.join(root, tag)
+    if dist_utils.is_main():
+        stale = os.path.join(tag_dir, MARKER)
+        if os.path.exists(stale):  # re-saving the same epoch: invalidate first
+            os.unlink(stale)
+    dist_utils.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    dist_utils.barrier()
+    if dist_utils.is_main():
+        write_json_atomic(os.path.join(tag_dir, MARKER), client_state)
+        for _, old in complete_checkpoints(output_dir)[: -(keep_last + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist_utils.barrier()
+    return tag_dir
+
+
+def load(engine, tag_dir: str) -> dict:
+    """Load weights, optimiser state and the client state from a complete checkpoint."""
+    root, tag = os.path.split(tag_dir.rstrip("/"))
+    engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    return read_client_state(tag_dir)

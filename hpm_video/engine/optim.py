@@ -1,0 +1,65 @@
+"""Optimiser parameter groups and per-step schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from torch import nn
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    skip_names: Iterable[str] = (),
+    layer_decay: float = 1.0,
+    num_layers: int | None = None,
+) -> list[dict]:
+    """AdamW groups: no weight decay for biases, norms and tokens (1-D params and ``skip_names``).
+
+    With ``layer_decay < 1`` the groups also carry an ``lr_scale`` per layer (timm's layer-wise
+    decay from the model's ``group_matcher``), applied by ``apply_schedules``.
+    """
+    skip = set(skip_names)
+    if hasattr(model, "no_weight_decay"):
+        skip |= set(model.no_weight_decay())
+    if layer_decay < 1.0:
+        from timm.optim import param_groups_layer_decay
+
+        return _tag_decayed(param_groups_layer_decay(model, weight_decay, list(skip), layer_decay))
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name in skip or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return _tag_decayed(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    )
+
+
+def _tag_decayed(groups: list[dict]) -> list[dict]:
+    # Remember which groups take weight decay, so a schedule that passes through 0 keeps them apart.
+    for group in groups:
+        group["wd_scale"] = 1.0 if group["weight_decay"] > 0 else 0.0
+    return groups
+
+
+def cosine_value(
+    step: int, base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> float:
+    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then half-cycle cosine to ``final``."""
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_schedules(optimizer, lr: float, weight_decay: float) -> None:
+    """Set this step's lr (times each group's ``lr_scale``) and weight decay (decayed groups only)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)

@@ -1,0 +1,242 @@
+"""The pretraining loop: thin on purpose. The model owns its losses, masking and teacher; this file
+feeds it data, schedules lr / weight decay / alpha / EMA decay by step and epoch, and handles
+checkpoints, logging and pictures.
+
+Reproducibility and resume: every random stream is a function of ``(SEED, epoch)`` (and the rank for
+the data sampler's shard), re-derived at the start of each epoch, so resuming at an epoch boundary
+replays exactly what an uninterrupted run does; nothing is repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from hpm_video.config import CfgNode, model_kwargs
+from hpm_video.engine import checkpointing
+from hpm_video.engine import distributed as dist_utils
+from hpm_video.engine.deepspeed_setup import initialize
+from hpm_video.engine.logger import RunLogger
+from hpm_video.engine.optim import apply_schedules, cosine_value
+from hpm_video.masking import easy_to_hard_alpha
+from hpm_video.models import create_model, ema_decay
+
+logger = logging.getLogger("hpm_video.pretrain")
+
+# Values accumulated on the device between log steps (no host sync per step).
+TRACKED = ("loss", "loss_rec", "loss_pred", "rank_corr")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def build_pretrain_dataset(cfg: CfgNode):
+    from hpm_video.data import ImageDataset, VideoPretrainDataset
+
+    data = cfg.DATA
+    if not data.TRAIN_LIST and data.DATASET != "image":
+        raise ValueError("config DATA.TRAIN_LIST is empty: point it at a 'path label' list file")
+    if data.DATASET == "image":
+        source = data.TRAIN_LIST or data.ROOT
+        return ImageDataset(source, input_size=cfg.MODEL.INPUT_SIZE, train=True, mean=data.MEAN, std=data.STD,
+                            root=data.ROOT or None)  # fmt: skip
+    return VideoPretrainDataset(
+        data.TRAIN_LIST, data.ROOT, num_frames=cfg.MODEL.NUM_FRAMES, sampling_rate=data.SAMPLING_RATE,
+        input_size=cfg.MODEL.INPUT_SIZE, num_sample=data.NUM_SAMPLE, mean=data.MEAN, std=data.STD,
+        backend=data.BACKEND, decode_timeout_s=data.DECODE_TIMEOUT,
+    )  # fmt: skip
+
+
+def clips_per_step(cfg: CfgNode) -> int:
+    """Clips in one process's micro-batch (videos x repeated-augmentation samples)."""
+    return cfg.SOLVER.BATCH_SIZE * (cfg.DATA.NUM_SAMPLE if cfg.DATA.DATASET != "image" else 1)
+
+
+def train(cfg: CfgNode) -> dict[str, str]:
+    """Run (or resume) pretraining; returns the paths of what it wrote."""
+    from hpm_video.data import build_loader
+
+    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
+    dist_utils.init_distributed(device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    main = rank == 0
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    if main:
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+
+    seed_all(cfg.SEED)  # same initial weights on every rank
+    kwargs = model_kwargs(cfg)
+    model = create_model(cfg.MODEL.NAME, **kwargs)
+    dataset = build_pretrain_dataset(cfg)
+    loader = build_loader(
+        dataset, cfg.SOLVER.BATCH_SIZE, cfg.DATA.NUM_WORKERS, shuffle=True, seed=cfg.SEED, drop_last=True,
+        distributed=True, num_replicas=world, rank=rank, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    accum = cfg.SOLVER.ACCUM_STEPS
+    steps_per_epoch = len(loader) if cfg.SOLVER.STEPS_PER_EPOCH <= 0 else min(len(loader), cfg.SOLVER.STEPS_PER_EPOCH)
+    steps_per_epoch -= steps_per_epoch % accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(dataset)} training samples give no full step of batch {cfg.SOLVER.BATCH_SIZE} x {world} "
+            f"process(es) x {accum} accumulation; lower SOLVER.BATCH_SIZE or add data"
+        )
+    updates_per_epoch = steps_per_epoch // accum
+    total_updates = updates_per_epoch * cfg.SOLVER.EPOCHS
+    warmup_updates = updates_per_epoch * cfg.SOLVER.WARMUP_EPOCHS
+    global_clips = clips_per_step(cfg) * accum * world
+    base_lr = cfg.SOLVER.BASE_LR * global_clips / 256
+
+    engine, optimizer = initialize(model, cfg, device, clips_per_step(cfg))
+    module = engine.module
+    run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD)
+    start_epoch, skipped_total = 0, 0
+    latest = checkpointing.latest_checkpoint(cfg.OUTPUT_DIR) if cfg.ENGINE.AUTO_RESUME else None
+    if latest:
+        state = checkpointing.load(engine, latest)
+        start_epoch, skipped_total = state["epoch"] + 1, state.get("skipped_samples", 0)
+        logger.info("resumed from %s: epoch %d, step %d", latest, start_epoch, engine.global_steps)
+    if main:
+        logger.info(
+            "model %s (%.1fM params), %d process(es) on %s, %d clips per step, lr %.3g, %d steps/epoch, "
+            "masking %s", cfg.MODEL.NAME, sum(p.numel() for p in module.parameters()) / 1e6, world, device,
+            global_clips, base_lr, updates_per_epoch, cfg.MASK.MODE,
+        )  # fmt: skip
+
+    paths: dict[str, str] = {"log": run_log.path, "output_dir": cfg.OUTPUT_DIR}
+    if latest:
+        paths["checkpoint"] = latest
+    bad_in_row = 0
+    bad_total = 0
+    for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
+        loader.sampler.set_epoch(epoch)
+        seed_all(epoch_seed(cfg.SEED, epoch) + rank)
+        # Shared by all ranks: each takes its slice of the global batch's mask noise.
+        mask_gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.SEED, epoch))
+        alpha = easy_to_hard_alpha(epoch, cfg.SOLVER.EPOCHS, cfg.MASK.ALPHA_MAX)
+        decay = ema_decay(epoch)
+        engine.train()
+        sums = {k: torch.zeros((), device=device) for k in TRACKED}
+        count, skipped_window, window_start = 0, 0, time.perf_counter()
+        vis_batch = None
+        bar = run_log.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}")
+        for step, batch in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            update = engine.global_steps
+            lr = cosine_value(update, base_lr, cfg.SOLVER.MIN_LR, total_updates, warmup_updates, cfg.SOLVER.WARMUP_LR)
+            wd = cfg.SOLVER.WEIGHT_DECAY
+            if cfg.SOLVER.WEIGHT_DECAY_END >= 0:
+                wd = cosine_value(update, wd, cfg.SOLVER.WEIGHT_DECAY_END, total_updates)
+            apply_schedules(optimizer, lr, wd)
+            videos = batch["video"].to(device, non_blocking=True)
+            skipped_window += int(batch["skipped"])
+            if vis_batch is None:
+                vis_batch = videos[: cfg.ENGINE.VIS_NUM_CLIPS].detach().clone()
+
+            out = engine(videos, alpha=alpha, generator=mask_gen, shard=(rank, world))
+            # One flag per step, agreed by all ranks, so that they skip the same steps together.
+            if not dist_utils.all_ranks_true(torch.isfinite(out["loss"])):
+                bad_in_row += 1
+                bad_total += 1
+                logger.warning("non-finite loss at epoch %d step %d: step skipped (%d in a row)", epoch, step,
+                               bad_in_row)  # fmt: skip
+                if bad_in_row >= cfg.ENGINE.MAX_BAD_STEPS:
+                    raise RuntimeError(
+                        f"{bad_in_row} non-finite losses in a row (epoch {epoch}, step {step}); stopping. "
+                        "Lower SOLVER.BASE_LR, use bf16 instead of fp16, or check the data."
+                    )
+                bar.update(1)
+                continue
+            bad_in_row = 0
+            engine.backward(out["loss"])
+            before = engine.global_steps
+            engine.step()
+            if engine.global_steps != before:
+                module.update_teacher(decay)
+            for key in TRACKED:
+                if key in out:
+                    sums[key] += out[key].detach().float()
+            count += 1
+            bar.update(1)
+
+            if count and (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
+                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window)).item())
+                skipped_total += skipped_now
+                elapsed = time.perf_counter() - window_start
+                stats = {k: (v / max(count, 1)).item() for k, v in sums.items() if k in out or k == "loss"}
+                grad_norm = engine.get_global_grad_norm()
+                stats.update(
+                    epoch=epoch, alpha=alpha, lr=lr, weight_decay=wd, ema_decay=decay,
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    clips_per_s=count * clips_per_step(cfg) * world / max(elapsed, 1e-9),
+                    skipped_samples=skipped_total, nonfinite_steps=bad_total,
+                )  # fmt: skip
+                run_log.log(engine.global_steps, stats)
+                bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss_rec", "loss_pred", "rank_corr") if k in stats}
+                                | {"alpha": f"{alpha:.3f}", "lr": f"{lr:.2e}", "clips/s": f"{stats['clips_per_s']:.1f}",
+                                   "skipped": skipped_total})  # fmt: skip
+                sums = {k: torch.zeros((), device=device) for k in TRACKED}
+                count, skipped_window, window_start = 0, 0, time.perf_counter()
+        bar.close()
+
+        last = epoch + 1 == cfg.SOLVER.EPOCHS
+        if last or (epoch + 1) % cfg.ENGINE.SAVE_EVERY_EPOCHS == 0:
+            client_state = {
+                "epoch": epoch, "global_step": int(engine.global_steps), "skipped_samples": skipped_total,
+                "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": _jsonable(kwargs),
+            }  # fmt: skip
+            paths["checkpoint"] = checkpointing.save(engine, cfg.OUTPUT_DIR, epoch, client_state, cfg.ENGINE.KEEP_LAST)
+        if vis_batch is not None and (last or (epoch + 1) % cfg.ENGINE.VIS_EVERY_EPOCHS == 0):
+            paths["picture"] = _visualize(module, vis_batch, alpha, cfg, epoch, main)
+
+    paths["model"] = _save_final_model(engine, cfg, kwargs, main)
+    run_log.close()
+    dist_utils.barrier()
+    return paths
+
+
+def _jsonable(kwargs: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def _visualize(module, videos: torch.Tensor, alpha: float, cfg: CfgNode, epoch: int, main: bool) -> str:
+    """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes the PNG."""
+    from hpm_video.visualize import render_pretrain_grid
+
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        image = render_pretrain_grid(module, videos, alpha=alpha, mean=cfg.DATA.MEAN, std=cfg.DATA.STD)
+    module.train(was_training)
+    path = os.path.join(cfg.OUTPUT_DIR, f"hard_tubes_epoch{epoch + 1:04d}.png")
+    if main:
+        image.save(path)
+    return path
+
+
+def _save_final_model(engine, cfg: CfgNode, kwargs: dict, main: bool) -> str:
+    """A consolidated, self-describing weights file of the whole pretraining model (any ZeRO stage)."""
+    from hpm_video.checkpoint import save_model_file
+
+    if cfg.ENGINE.ZERO_STAGE == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0
+    else:
+        state = engine.module.state_dict()
+    path = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if main:
+        save_model_file(path, state, cfg.MODEL.NAME, **kwargs)
+    return path
