@@ -75,14 +75,15 @@ def uniform_noise(
 ) -> torch.Tensor:
     """Uniform noise ``(B, U)``; with ``shard=(rank, world)`` the rows of this rank in a global batch.
 
-    Every rank draws the noise of the whole global batch from the same generator stream and keeps its
-    slice, so a run on N processes masks exactly like one process with the N-times batch.
+    Every rank draws the noise of the whole global batch from the same generator stream and keeps
+    rows ``rank::world``, the positions a ``DistributedSampler`` deals to that rank, so N processes
+    mask exactly like one process with the N-times batch.
     """
     rank, world = shard
     if world == 1:
         return torch.rand(batch_size, num_units, generator=generator, device=device)
     noise = torch.rand(batch_size * world, num_units, generator=generator, device=device)
-    return noise[rank * batch_size : (rank + 1) * batch_size]
+    return noise[rank::world]
 
 
 def random_mask(

@@ -86,3 +86,37 @@ def load(engine, tag_dir: str) -> dict:
     root, tag = os.path.split(tag_dir.rstrip("/"))
     engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     return read_client_state(tag_dir)
+
+
+def resolve_tag_dir(path: str) -> str:
+    """A tag folder itself, or the newest complete checkpoint of a run's output folder."""
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a complete checkpoint folder nor a run folder that holds one")
+    return latest
+
+
+def consolidated_state_dict(tag_dir: str) -> dict:
+    """Full fp32 weights of a checkpoint saved under any ZeRO stage, on the CPU.
+
+    ZeRO-1/2/3 keep the authoritative fp32 weights partitioned in the optimiser files, which
+    DeepSpeed's ``zero_to_fp32`` reassembles (frozen parameters such as the teacher included);
+    ZeRO-0 stores the whole module in the model-states file.
+    """
+    import glob
+
+    import torch
+
+    root, tag = os.path.split(os.path.abspath(tag_dir))
+    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    files = glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model-states file")
+    # Our own checkpoint (it also holds the optimiser's Python state), so a full unpickle is needed.
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}

@@ -26,7 +26,9 @@ def param_groups(
     if layer_decay < 1.0:
         from timm.optim import param_groups_layer_decay
 
-        return _tag_decayed(param_groups_layer_decay(model, weight_decay, list(skip), layer_decay))
+        return _tag_decayed(param_groups_layer_decay(
+            model, weight_decay=weight_decay, no_weight_decay_list=list(skip), layer_decay=layer_decay
+        ))
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

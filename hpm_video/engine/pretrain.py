@@ -177,7 +177,10 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window)).item())
                 skipped_total += skipped_now
                 elapsed = time.perf_counter() - window_start
-                stats = {k: (v / max(count, 1)).item() for k, v in sums.items() if k in out or k == "loss"}
+                # Means over every rank's steps in the window (a collective: all ranks log together).
+                totals = dist_utils.all_reduce_sum(torch.stack([sums[k] for k in TRACKED] + [sums["loss"] * 0 + count]))
+                denom = max(float(totals[-1]), 1.0)
+                stats = {k: float(totals[i]) / denom for i, k in enumerate(TRACKED) if k in out or k == "loss"}
                 grad_norm = engine.get_global_grad_norm()
                 stats.update(
                     epoch=epoch, alpha=alpha, lr=lr, weight_decay=wd, ema_decay=decay,

@@ -26,8 +26,9 @@ def sincos_position_table(num_positions: int, dim: int) -> torch.Tensor:
     Because the table only depends on the flat index, the table for N tokens is the first N rows of
     any longer one.
     """
-    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    exponent = 2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim
+    # Explicitly on the CPU so that building a model under ``torch.device("meta")`` still works.
+    position = torch.arange(num_positions, dtype=torch.float64, device="cpu")[:, None]
+    exponent = 2 * (torch.arange(dim, dtype=torch.float64, device="cpu") // 2) / dim
     angles = position / torch.pow(10000.0, exponent)[None, :]  # (N, dim)
     table = torch.empty_like(angles)
     table[:, 0::2] = torch.sin(angles[:, 0::2])
@@ -219,7 +220,7 @@ def make_blocks(
     init_values: float | None = None,
 ) -> BlockStack:
     """``depth`` blocks with stochastic depth rising linearly from 0 to ``drop_path_rate``."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
     return BlockStack(
         *[
             Block(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, rate, init_values)

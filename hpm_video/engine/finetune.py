@@ -1,0 +1,622 @@
+"""The fine-tuning loop (action recognition, and image classification through one-frame clips).
+
+Structure and guarantees follow :mod:`hpm_video.engine.pretrain`: DeepSpeed (ZeRO stage and precision
+from the config), per-step warm-up + cosine lr and weight decay, every random stream re-derived from
+``(SEED, epoch)`` at the start of each epoch (so resuming at an epoch boundary replays exactly what an
+uninterrupted run does), non-finite steps skipped and counted, kill-safe checkpoints with auto-resume,
+the same progress bar, ``log.jsonl`` and TensorBoard scalars.
+
+Fine-tuning specifics:
+  * initialisation from ``FINETUNE.INIT`` (see :mod:`hpm_video.finetune_init`), report in
+    ``init_report.json``;
+  * layer-wise lr decay (``SOLVER.LAYER_DECAY``), drop path (``MODEL.DROP_PATH``);
+  * mixup / cutmix on clips (:class:`VideoMixup`: timm's Mixup with the cut box on H and W, the same
+    box on every frame), soft-target cross entropy with label smoothing folded into the targets, or
+    label-smoothing / plain cross entropy without mixing;
+  * optional EMA of the weights (``FINETUNE.MODEL_EMA``, timm's ModelEmaV3, evaluated alongside);
+  * single-view validation every ``FINETUNE.EVAL_EVERY_EPOCHS``; the best top-1 weights (model or
+    EMA) go to ``model_best.pth``, the last to ``model_final.pth`` (both self-describing model files);
+  * multi-view test at the end (``DATA.TEST_NUM_SEGMENT`` x ``DATA.TEST_NUM_CROP``) of the best
+    weights: ``eval.json`` and ``predictions.csv`` (see :mod:`hpm_video.engine.evaluation`);
+  * linear probing (``FINETUNE.LINEAR_PROBE``): frozen encoder, BatchNorm without affine + linear head
+    (MAE's protocol), LARS by default. Saved model files fold the BatchNorm into the linear layer, so
+    they load as ordinary classifiers.
+
+Learning rate: ``SOLVER.BASE_LR`` is per 256 *videos* (``BATCH_SIZE x ACCUM_STEPS x world``; the
+repeated-augmentation clips of ``DATA.NUM_SAMPLE`` do not count), VideoMAE's fine-tuning convention,
+so its published learning rates carry over unchanged. ``SOLVER.MIN_LR``/``WARMUP_LR`` are absolute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from torch import nn
+
+from hpm_video.config import CfgNode, model_kwargs
+from hpm_video.engine import checkpointing, evaluation
+from hpm_video.engine import distributed as dist_utils
+from hpm_video.engine.logger import RunLogger
+from hpm_video.engine.optim import apply_schedules, cosine_value
+from hpm_video.engine.pretrain import epoch_seed, seed_all
+
+logger = logging.getLogger("hpm_video.finetune")
+
+EMA_FILE = "model_ema.pth"
+BEST_FILE = "model_best.pth"
+FINAL_FILE = "model_final.pth"
+
+
+# ----------------------------------------------------------------------------------- mixing
+class VideoMixup:
+    """timm's ``Mixup`` for clips ``(B, C, T, H, W)`` as well as images ``(B, C, H, W)``.
+
+    timm's cutmix draws its box from the last two dimensions but pastes it with ``x[:, :, y, x]``,
+    which on a 5-D clip cuts T and H. Folding channels and time into one axis, ``(B, C*T, H, W)``,
+    makes every variant (batch, pair, elem) cut H and W with the same box on every frame and channel;
+    mixup's blend does not care about the shape. Needs an even batch, as timm's does.
+    """
+
+    def __init__(self, **mixup_kwargs) -> None:
+        from timm.data import Mixup
+
+        self.mixup = Mixup(**mixup_kwargs)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(x) % 2:
+            raise ValueError(f"mixup/cutmix pairs clips, so the batch must be even; got {len(x)} clips")
+        if x.ndim == 5:
+            b, c, t, h, w = x.shape
+            flat, target = self.mixup(x.reshape(b, c * t, h, w), target)
+            return flat.reshape(b, c, t, h, w), target
+        return self.mixup(x, target)
+
+
+def build_mixup(cfg: CfgNode) -> VideoMixup | None:
+    ft = cfg.FINETUNE
+    if ft.MIXUP <= 0 and ft.CUTMIX <= 0:
+        return None
+    return VideoMixup(
+        mixup_alpha=ft.MIXUP, cutmix_alpha=ft.CUTMIX, prob=ft.MIXUP_PROB, switch_prob=ft.MIXUP_SWITCH_PROB,
+        mode=ft.MIXUP_MODE, label_smoothing=ft.SMOOTHING, num_classes=ft.NUM_CLASSES,
+    )  # fmt: skip
+
+
+def build_criterion(cfg: CfgNode, mixing: bool) -> nn.Module:
+    """Soft-target CE when targets are mixed (smoothing is already in them), else smoothing or plain CE."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixing:
+        return SoftTargetCrossEntropy()
+    if cfg.FINETUNE.SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.FINETUNE.SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+# ------------------------------------------------------------------------------ linear probe
+def make_linear_probe(model: nn.Module) -> nn.Module:
+    """Freeze everything, then put a BatchNorm1d without affine in front of a fresh linear head (MAE)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    head = model.head
+    if not isinstance(head, nn.Linear):
+        raise ValueError("linear probing needs a model with a linear head (FINETUNE.NUM_CLASSES > 0)")
+    from timm.layers import trunc_normal_
+
+    trunc_normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    model.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+    for p in model.head.parameters():
+        p.requires_grad = True
+    return model
+
+
+def fold_probe_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold a probe head's BatchNorm (eval mode: a fixed affine map) into its linear layer.
+
+    ``W (x - mean) / s + b == (W / s) x + (b - (W / s) mean)`` with ``s = sqrt(var + eps)``, so the
+    result is an ordinary ``head.weight``/``head.bias`` that computes the same logits.
+    """
+    if "head.0.running_mean" not in state:
+        return state
+    out = {k: v for k, v in state.items() if not k.startswith("head.")}
+    mean = state["head.0.running_mean"].double()
+    scale = torch.sqrt(state["head.0.running_var"].double() + 1e-6)
+    weight = state["head.1.weight"].double() / scale[None, :]
+    out["head.weight"] = weight.to(state["head.1.weight"].dtype)
+    out["head.bias"] = (state["head.1.bias"].double() - weight @ mean).to(state["head.1.bias"].dtype)
+    return out
+
+
+def make_probe_optimizer(model: nn.Module, cfg: CfgNode) -> torch.optim.Optimizer:
+    """LARS as in MAE's linear probe: trust-ratio scaling for weight matrices, plain momentum for biases."""
+    from timm.optim import Lars
+
+    from hpm_video.engine.optim import param_groups
+
+    groups = param_groups(model, cfg.SOLVER.WEIGHT_DECAY)
+    for group in groups:
+        group["always_adapt"] = group["wd_scale"] > 0  # only >= 2-D weights adapt (MAE excludes 1-D ones)
+    return Lars(groups, lr=cfg.SOLVER.BASE_LR, momentum=0.9, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+
+# ----------------------------------------------------------------------------------- data
+class _IndexedImages(torch.utils.data.Dataset):
+    """Adds ``video_id``/``view`` to an image dataset so evaluation treats each image as a one-view video."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.samples = dataset.samples
+        self.num_views = 1
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        item = dict(self.dataset[key])
+        index = key[0] if isinstance(key, (tuple, list)) else int(key)
+        item.update(video_id=int(index) % len(self.dataset), view=0)
+        return item
+
+
+def build_dataset(cfg: CfgNode, mode: str):
+    """``mode`` train / val / test dataset for the config (video lists or images)."""
+    data, ft = cfg.DATA, cfg.FINETUNE
+    list_file = {"train": data.TRAIN_LIST, "val": data.VAL_LIST, "test": data.TEST_LIST or data.VAL_LIST}[mode]
+    key = {"train": "DATA.TRAIN_LIST", "val": "DATA.VAL_LIST", "test": "DATA.TEST_LIST (or DATA.VAL_LIST)"}[mode]
+    if data.DATASET == "image":
+        from hpm_video.data import ImageDataset
+
+        source = list_file or (data.ROOT if mode == "train" else "")
+        if not source:
+            raise ValueError(f"config {key} is empty: point it at an image folder or a 'path label' list")
+        if mode == "train":
+            from timm.data import create_transform
+
+            dataset = ImageDataset(source, input_size=cfg.MODEL.INPUT_SIZE, train=True, scale=(0.08, 1.0),
+                                   flip=data.FLIP, mean=data.MEAN, std=data.STD, root=data.ROOT or None)  # fmt: skip
+            # MAE's fine-tuning pipeline (RandAugment, random erasing) replaces the plain crop + flip.
+            dataset.transform = create_transform(
+                cfg.MODEL.INPUT_SIZE, is_training=True, auto_augment=ft.RAND_AUGMENT or None,
+                interpolation="bicubic", re_prob=ft.REPROB, re_mode="pixel", re_count=1,
+                hflip=0.5 if data.FLIP else 0.0, mean=tuple(data.MEAN), std=tuple(data.STD),
+            )  # fmt: skip
+            return dataset
+        return _IndexedImages(ImageDataset(source, input_size=cfg.MODEL.INPUT_SIZE, train=False, mean=data.MEAN,
+                                           std=data.STD, root=data.ROOT or None))  # fmt: skip
+
+    from hpm_video.data import VideoFinetuneDataset
+
+    if not list_file:
+        raise ValueError(f"config {key} is empty: point it at a 'path label' list file")
+    return VideoFinetuneDataset(
+        list_file, data.ROOT, mode=mode, sampling=data.SAMPLING, num_frames=cfg.MODEL.NUM_FRAMES,
+        sampling_rate=data.SAMPLING_RATE, input_size=cfg.MODEL.INPUT_SIZE, short_side_size=data.SHORT_SIDE_SIZE,
+        num_segment=data.TEST_NUM_SEGMENT, num_crop=data.TEST_NUM_CROP, flip=data.FLIP,
+        rand_augment=ft.RAND_AUGMENT or None, reprob=ft.REPROB, num_sample=data.NUM_SAMPLE if mode == "train" else 1,
+        mean=data.MEAN, std=data.STD, backend=data.BACKEND, decode_timeout_s=data.DECODE_TIMEOUT,
+    )  # fmt: skip
+
+
+def clips_per_step(cfg: CfgNode) -> int:
+    return cfg.SOLVER.BATCH_SIZE * (cfg.DATA.NUM_SAMPLE if cfg.DATA.DATASET != "image" else 1)
+
+
+def eval_batch_size(cfg: CfgNode) -> int:
+    return cfg.FINETUNE.EVAL_BATCH_SIZE or cfg.SOLVER.BATCH_SIZE
+
+
+def _eval_loader(cfg: CfgNode, dataset, device: torch.device):
+    from hpm_video.data import build_loader
+
+    return build_loader(
+        dataset, eval_batch_size(cfg), cfg.DATA.NUM_WORKERS, shuffle=False, seed=cfg.SEED, drop_last=False,
+        distributed=True, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+
+def _check_labels(cfg: CfgNode, dataset, where: str) -> None:
+    labels = [label for _, label in dataset.samples]
+    if labels and max(labels) >= cfg.FINETUNE.NUM_CLASSES:
+        raise ValueError(
+            f"{where} has label {max(labels)} but FINETUNE.NUM_CLASSES is {cfg.FINETUNE.NUM_CLASSES}; "
+            "labels must be 0 .. NUM_CLASSES - 1"
+        )
+
+
+# ----------------------------------------------------------------------------------- model
+def build_model(cfg: CfgNode, init_state=None, kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+    """The classifier for the config (``kwargs`` given: rebuild exactly those, e.g. on resume)."""
+    from hpm_video.finetune_init import pos_embed_kind_for
+    from hpm_video.models import CLASSIFIER_MODELS, create_model
+
+    if cfg.MODEL.NAME not in CLASSIFIER_MODELS:
+        raise ValueError(
+            f"config MODEL.NAME = {cfg.MODEL.NAME!r} is a pretraining model; fine-tuning needs a classifier: "
+            f"{', '.join(CLASSIFIER_MODELS)}"
+        )
+    if kwargs is None:
+        kwargs = model_kwargs(cfg)
+        kwargs["pos_embed"] = pos_embed_kind_for(init_state, cfg.FINETUNE.POS_EMBED)
+        if cfg.FINETUNE.LINEAR_PROBE:
+            kwargs["drop_path_rate"] = 0.0  # a frozen encoder must be deterministic
+    return create_model(cfg.MODEL.NAME, **kwargs), kwargs
+
+
+def _jsonable(kwargs: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def _initialize_engine(model: nn.Module, cfg: CfgNode, device: torch.device):
+    """DeepSpeed engine: the shared set-up (AdamW with layer decay), or LARS for a linear probe."""
+    from hpm_video.engine.deepspeed_setup import deepspeed_config, initialize
+
+    if not (cfg.FINETUNE.LINEAR_PROBE and cfg.FINETUNE.PROBE_OPTIMIZER == "lars"):
+        return initialize(model, cfg, device, clips_per_step(cfg))
+    import deepspeed
+
+    model.to(device)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_probe_optimizer(model, cfg),
+        config=deepspeed_config(cfg, device, clips_per_step(cfg)), dist_init_required=False,
+    )  # fmt: skip
+    return engine, optimizer
+
+
+def export_state(engine, cfg: CfgNode) -> dict[str, torch.Tensor] | None:
+    """Full weights as a plain classifier state dict (probe head folded); collective under ZeRO-3.
+
+    Returns the dict on rank 0 (and on every rank below ZeRO-3), None elsewhere.
+    """
+    if cfg.ENGINE.ZERO_STAGE == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        if state is None:
+            return None
+    else:
+        state = engine.module.state_dict()
+    return fold_probe_head({k: v.detach().float().cpu() for k, v in state.items()})
+
+
+def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return fold_probe_head({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+
+
+def _save_model(path: str, state: dict, cfg: CfgNode, kwargs: dict, meta: dict | None = None) -> str:
+    from hpm_video.checkpoint import save_model_file
+
+    save_model_file(path, state, cfg.MODEL.NAME, **_jsonable(kwargs))
+    if meta is not None:
+        evaluation.write_json(os.path.splitext(path)[0] + ".json", meta)
+    return path
+
+
+# ------------------------------------------------------------------------------------ train
+def train(cfg: CfgNode) -> dict[str, str]:
+    """Run (or resume) fine-tuning, then the multi-view test; returns the paths of what it wrote."""
+    from hpm_video.data import build_loader
+    from hpm_video.finetune_init import load_pretrained, read_checkpoint, write_report
+
+    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
+    dist_utils.init_distributed(device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    main = rank == 0
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    if main:
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    if cfg.FINETUNE.MODEL_EMA and cfg.ENGINE.ZERO_STAGE == 3:
+        raise ValueError("FINETUNE.MODEL_EMA needs whole weights on every rank; use ENGINE.ZERO_STAGE <= 2 with it")
+
+    latest = checkpointing.latest_checkpoint(cfg.OUTPUT_DIR) if cfg.ENGINE.AUTO_RESUME else None
+    resume_state = checkpointing.read_client_state(latest) if latest else None
+
+    seed_all(cfg.SEED)  # same initial weights on every rank
+    paths: dict[str, str] = {"output_dir": cfg.OUTPUT_DIR}
+    if resume_state is not None:
+        # The checkpoint holds every weight; rebuild the exact model it was saved from.
+        model, kwargs = build_model(cfg, kwargs=resume_state["model_kwargs"])
+    else:
+        init_ckpt = read_checkpoint(cfg.FINETUNE.INIT) if cfg.FINETUNE.INIT else None
+        model, kwargs = build_model(cfg, init_ckpt)
+        if init_ckpt is not None:
+            report = load_pretrained(model, init_ckpt, fc_norm_from_norm=cfg.FINETUNE.FC_NORM_FROM_NORM, log=main)
+            if main:
+                paths["init_report"] = os.path.join(cfg.OUTPUT_DIR, "init_report.json")
+                write_report(report, paths["init_report"])
+        elif main:
+            logger.warning("FINETUNE.INIT is empty: fine-tuning from random weights")
+    if cfg.FINETUNE.LINEAR_PROBE:
+        make_linear_probe(model)
+
+    train_set = build_dataset(cfg, "train")
+    _check_labels(cfg, train_set, cfg.DATA.TRAIN_LIST or cfg.DATA.ROOT)
+    loader = build_loader(
+        train_set, cfg.SOLVER.BATCH_SIZE, cfg.DATA.NUM_WORKERS, shuffle=True, seed=cfg.SEED, drop_last=True,
+        distributed=True, num_replicas=world, rank=rank, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    val_set = build_dataset(cfg, "val") if cfg.DATA.VAL_LIST else None
+    val_loader = _eval_loader(cfg, val_set, device) if val_set is not None else None
+
+    accum = cfg.SOLVER.ACCUM_STEPS
+    steps_per_epoch = len(loader) if cfg.SOLVER.STEPS_PER_EPOCH <= 0 else min(len(loader), cfg.SOLVER.STEPS_PER_EPOCH)
+    steps_per_epoch -= steps_per_epoch % accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(train_set)} training samples give no full step of batch {cfg.SOLVER.BATCH_SIZE} x {world} "
+            f"process(es) x {accum} accumulation; lower SOLVER.BATCH_SIZE or add data"
+        )
+    mixup = build_mixup(cfg)
+    if mixup is not None and clips_per_step(cfg) % 2:
+        raise ValueError(
+            f"mixup/cutmix needs an even number of clips per step, got {clips_per_step(cfg)} "
+            "(SOLVER.BATCH_SIZE x DATA.NUM_SAMPLE); change one, or set FINETUNE.MIXUP 0 and FINETUNE.CUTMIX 0"
+        )
+    criterion = build_criterion(cfg, mixup is not None)
+    updates_per_epoch = steps_per_epoch // accum
+    total_updates = updates_per_epoch * cfg.SOLVER.EPOCHS
+    warmup_updates = updates_per_epoch * cfg.SOLVER.WARMUP_EPOCHS
+    global_videos = cfg.SOLVER.BATCH_SIZE * accum * world
+    base_lr = cfg.SOLVER.BASE_LR * global_videos / 256
+
+    ema = None
+    if cfg.FINETUNE.MODEL_EMA:
+        from timm.utils import ModelEmaV3
+
+        model.to(device)
+        ema = ModelEmaV3(model, decay=cfg.FINETUNE.MODEL_EMA_DECAY, dtype=torch.float32)
+        ema.module.requires_grad_(False)
+    engine, optimizer = _initialize_engine(model, cfg, device)
+    module = engine.module
+    fp16 = cfg.ENGINE.PRECISION == "fp16"
+    run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD)
+    paths["log"] = run_log.path
+    start_epoch, skipped_total = 0, 0
+    best = {"top1": float("-inf"), "epoch": -1, "weights": ""}
+    if latest:
+        state = checkpointing.load(engine, latest)
+        start_epoch, skipped_total = state["epoch"] + 1, state.get("skipped_samples", 0)
+        best.update(state.get("best") or {})
+        if ema is not None:
+            ema_path = os.path.join(latest, EMA_FILE)
+            if os.path.isfile(ema_path):
+                from hpm_video.checkpoint import load_file
+
+                ema.module.load_state_dict(load_file(ema_path))
+            else:
+                logger.warning("%s has no %s: the EMA restarts from the current weights", latest, EMA_FILE)
+                ema.module.load_state_dict(module.state_dict())
+        logger.info("resumed from %s: epoch %d, step %d", latest, start_epoch, engine.global_steps)
+        paths["checkpoint"] = latest
+    if main:
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        logger.info(
+            "model %s (%.1fM params, %.2fM trainable), %d process(es) on %s, %d videos (%d clips) per step, "
+            "lr %.3g, %d steps/epoch, mixup %s, EMA %s, linear probe %s", cfg.MODEL.NAME,
+            sum(p.numel() for p in module.parameters()) / 1e6, trainable / 1e6, world, device, global_videos,
+            clips_per_step(cfg) * accum * world, base_lr, updates_per_epoch, mixup is not None, ema is not None,
+            cfg.FINETUNE.LINEAR_PROBE,
+        )  # fmt: skip
+
+    bad_in_row = bad_total = 0
+    tracked = ("loss", "acc1")
+    for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
+        loader.sampler.set_epoch(epoch)
+        seed_all(epoch_seed(cfg.SEED, epoch) + rank)  # mixup draws from numpy's global RNG
+        engine.train()
+        sums = {k: torch.zeros((), device=device) for k in tracked}
+        count, skipped_window, window_start = 0, 0, time.perf_counter()
+        bar = run_log.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}")
+        for step, batch in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            update = engine.global_steps
+            lr = cosine_value(update, base_lr, cfg.SOLVER.MIN_LR, total_updates, warmup_updates, cfg.SOLVER.WARMUP_LR)
+            wd = cfg.SOLVER.WEIGHT_DECAY
+            if cfg.SOLVER.WEIGHT_DECAY_END >= 0:
+                wd = cosine_value(update, wd, cfg.SOLVER.WEIGHT_DECAY_END, total_updates)
+            apply_schedules(optimizer, lr, wd)
+            videos = batch["video"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            skipped_window += int(batch["skipped"])
+            targets = labels
+            if mixup is not None:
+                videos, targets = mixup(videos, labels)
+            logits = engine(videos.half() if fp16 else videos)
+            loss = criterion(logits.float(), targets)
+            if not dist_utils.all_ranks_true(torch.isfinite(loss)):
+                bad_in_row += 1
+                bad_total += 1
+                logger.warning("non-finite loss at epoch %d step %d: step skipped (%d in a row)", epoch, step,
+                               bad_in_row)  # fmt: skip
+                if bad_in_row >= cfg.ENGINE.MAX_BAD_STEPS:
+                    raise RuntimeError(
+                        f"{bad_in_row} non-finite losses in a row (epoch {epoch}, step {step}); stopping. "
+                        "Lower SOLVER.BASE_LR, use bf16 instead of fp16, or check the data."
+                    )
+                bar.update(1)
+                continue
+            bad_in_row = 0
+            engine.backward(loss)
+            before = engine.global_steps
+            engine.step()
+            if ema is not None and engine.global_steps != before:
+                ema.update(module)
+            sums["loss"] += loss.detach().float()
+            # Accuracy against the unmixed labels (with mixing it is only a rough signal).
+            sums["acc1"] += (logits.detach().argmax(-1) == labels).float().mean() * 100
+            count += 1
+            bar.update(1)
+
+            if count and (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
+                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window)).item())
+                skipped_total += skipped_now
+                elapsed = time.perf_counter() - window_start
+                stats = {k: (v / max(count, 1)).item() for k, v in sums.items()}
+                grad_norm = engine.get_global_grad_norm()
+                stats.update(
+                    epoch=epoch, lr=lr, weight_decay=wd,
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    clips_per_s=count * clips_per_step(cfg) * world / max(elapsed, 1e-9),
+                    skipped_samples=skipped_total, nonfinite_steps=bad_total,
+                )  # fmt: skip
+                run_log.log(engine.global_steps, stats)
+                bar.set_postfix({"loss": f"{stats['loss']:.4g}", "acc1": f"{stats['acc1']:.1f}", "lr": f"{lr:.2e}",
+                                 "clips/s": f"{stats['clips_per_s']:.1f}", "skipped": skipped_total})  # fmt: skip
+                sums = {k: torch.zeros((), device=device) for k in tracked}
+                count, skipped_window, window_start = 0, 0, time.perf_counter()
+        bar.close()
+
+        last = epoch + 1 == cfg.SOLVER.EPOCHS
+        if val_loader is not None and (last or (epoch + 1) % cfg.FINETUNE.EVAL_EVERY_EPOCHS == 0):
+            candidates = [("model", module)] + ([("ema", ema.module)] if ema is not None else [])
+            for name, net in candidates:
+                bar = run_log.progress(len(val_loader), f"val {name} {epoch + 1}")
+                metrics, _ = evaluation.evaluate(
+                    net, val_loader, val_set.num_videos if hasattr(val_set, "num_videos") else len(val_set),
+                    cfg.FINETUNE.NUM_CLASSES, device, cfg.ENGINE.PRECISION, expected_views=1, progress=bar,
+                )  # fmt: skip
+                bar.close()
+                summary = {k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "num_videos")
+                           if k in metrics}  # fmt: skip
+                run_log.log(engine.global_steps, {"epoch": epoch, **summary}, kind=f"val_{name}")
+                if main:
+                    logger.info("epoch %d val (%s): top-1 %.2f, top-5 %.2f, loss %.4f on %d videos", epoch + 1, name,
+                                metrics["top1"], metrics["top5"], metrics.get("loss", float("nan")),
+                                metrics["num_videos"])  # fmt: skip
+                if metrics["top1"] > best["top1"]:
+                    best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch, "weights": name}
+                    state = export_state(engine, cfg) if name == "model" else _module_state(net)
+                    if main:
+                        paths["best"] = _save_model(os.path.join(cfg.OUTPUT_DIR, BEST_FILE), state, cfg, kwargs,
+                                                    meta=dict(best))  # fmt: skip
+                    dist_utils.barrier()
+
+        if last or (epoch + 1) % cfg.ENGINE.SAVE_EVERY_EPOCHS == 0:
+            client_state = {
+                "epoch": epoch, "global_step": int(engine.global_steps), "skipped_samples": skipped_total,
+                "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": _jsonable(kwargs), "best": best,
+            }  # fmt: skip
+            tag_dir = os.path.join(checkpointing.checkpoint_root(cfg.OUTPUT_DIR), checkpointing.tag_for_epoch(epoch))
+            if ema is not None and main:
+                # The EMA file goes in before the marker, so a complete checkpoint always has the matching EMA.
+                marker = os.path.join(tag_dir, checkpointing.MARKER)
+                if os.path.exists(marker):
+                    os.unlink(marker)
+                from hpm_video.checkpoint import save_atomic
+
+                save_atomic({k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
+                            os.path.join(tag_dir, EMA_FILE))  # fmt: skip
+            paths["checkpoint"] = checkpointing.save(engine, cfg.OUTPUT_DIR, epoch, client_state, cfg.ENGINE.KEEP_LAST)
+
+    final_state = export_state(engine, cfg)
+    if main:
+        paths["model"] = _save_model(os.path.join(cfg.OUTPUT_DIR, FINAL_FILE), final_state, cfg, kwargs)
+    if "best" not in paths and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, BEST_FILE)):
+        paths["best"] = os.path.join(cfg.OUTPUT_DIR, BEST_FILE)
+    run_log.close()
+    dist_utils.barrier()
+
+    if cfg.FINETUNE.FINAL_TEST and (cfg.DATA.TEST_LIST or cfg.DATA.VAL_LIST):
+        weights = paths.get("best") or os.path.join(cfg.OUTPUT_DIR, FINAL_FILE)
+        paths.update(test(cfg, weights, device))
+    dist_utils.barrier()
+    return paths
+
+
+# ------------------------------------------------------------------------------------- test
+def test(cfg: CfgNode, weights: str, device: torch.device | None = None) -> dict[str, str]:
+    """Multi-view test of a model file on ``DATA.TEST_LIST`` (else ``VAL_LIST``); writes eval.json and
+    predictions.csv in ``OUTPUT_DIR``. Every rank evaluates a plain (non-DeepSpeed) copy of the model."""
+    from hpm_video.finetune_init import load_pretrained, read_checkpoint
+
+    device = device or dist_utils.pick_device(cfg.ENGINE.DEVICE)
+    ckpt = read_checkpoint(weights)
+    model, _ = build_model(cfg, ckpt)
+    report = load_pretrained(model, ckpt, fc_norm_from_norm=False, log=False)
+    if not report.head.startswith("loaded"):
+        raise ValueError(
+            f"{weights}: no classifier head for {cfg.FINETUNE.NUM_CLASSES} classes ({report.head}); "
+            "evaluate a fine-tuned checkpoint, not a pretrained encoder"
+        )
+    if report.missing:
+        raise ValueError(f"{weights}: the model is missing {report.missing[:8]} after loading; wrong MODEL.* settings?")
+    return _run_test(cfg, model.to(device), device, weights)
+
+
+def _run_test(cfg: CfgNode, model: nn.Module, device: torch.device, weights: str) -> dict[str, str]:
+    dataset = build_dataset(cfg, "test")
+    _check_labels(cfg, dataset, cfg.DATA.TEST_LIST or cfg.DATA.VAL_LIST)
+    loader = _eval_loader(cfg, dataset, device)
+    views = getattr(dataset, "num_views", 1)
+    main = dist_utils.is_main()
+    bar = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=False).progress(len(loader), f"test {views} views")
+    num_videos = dataset.num_videos if hasattr(dataset, "num_videos") else len(dataset)
+    metrics, merged = evaluation.evaluate(model, loader, num_videos, cfg.FINETUNE.NUM_CLASSES, device,
+                                          cfg.ENGINE.PRECISION, expected_views=views, progress=bar)  # fmt: skip
+    bar.close()
+    out: dict[str, str] = {}
+    if main:
+        class_names = evaluation.read_class_names(cfg.FINETUNE.CLASS_NAMES)
+        if class_names:
+            metrics["class_names"] = class_names
+        metrics.update(
+            checkpoint=weights, split=cfg.DATA.TEST_LIST or cfg.DATA.VAL_LIST,
+            num_segments=cfg.DATA.TEST_NUM_SEGMENT if cfg.DATA.DATASET != "image" else 1,
+            num_crops=cfg.DATA.TEST_NUM_CROP if cfg.DATA.DATASET != "image" else 1,
+            topk_note=f"top5 is top-{min(5, cfg.FINETUNE.NUM_CLASSES)} with {cfg.FINETUNE.NUM_CLASSES} classes",
+        )  # fmt: skip
+        out["eval"] = evaluation.write_json(os.path.join(cfg.OUTPUT_DIR, "eval.json"), metrics)
+        out["predictions"] = evaluation.write_predictions(
+            os.path.join(cfg.OUTPUT_DIR, "predictions.csv"), merged, [p for p, _ in dataset.samples],
+            root=cfg.DATA.ROOT, class_names=class_names,
+        )  # fmt: skip
+        logger.info("test (%d views per video) of %s: top-1 %.2f, top-5 %.2f, mean class accuracy %.2f on %d videos",
+                    views, weights, metrics["top1"], metrics["top5"], metrics.get("mean_class_accuracy", float("nan")),
+                    metrics["num_videos"])  # fmt: skip
+    dist_utils.barrier()
+    return out
+
+
+def evaluate_only(cfg: CfgNode, checkpoint: str | None = None) -> dict[str, str]:
+    """``--eval``: multi-view test of ``checkpoint``, else of this run's best model, final model or latest
+    DeepSpeed checkpoint, else of ``FINETUNE.INIT`` (which then must hold a trained head)."""
+    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
+    dist_utils.init_distributed(device)
+    logging.basicConfig(level=logging.INFO if dist_utils.is_main() else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    if checkpoint is None:
+        for candidate in (os.path.join(cfg.OUTPUT_DIR, BEST_FILE), os.path.join(cfg.OUTPUT_DIR, FINAL_FILE),
+                          checkpointing.latest_checkpoint(cfg.OUTPUT_DIR), cfg.FINETUNE.INIT):  # fmt: skip
+            if candidate and os.path.exists(candidate):
+                checkpoint = candidate
+                break
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"nothing to evaluate: no {BEST_FILE}, {FINAL_FILE} or checkpoint in {cfg.OUTPUT_DIR} and FINETUNE.INIT "
+            "is empty; pass --checkpoint PATH"
+        )
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    logger.info("evaluating %s", checkpoint)
+    if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, checkpointing.MARKER)):
+        return _test_deepspeed_checkpoint(cfg, checkpoint, device)
+    return test(cfg, checkpoint, device)
+
+
+def _test_deepspeed_checkpoint(cfg: CfgNode, tag_dir: str, device: torch.device) -> dict[str, str]:
+    """A fine-tuning run's own DeepSpeed checkpoint (any ZeRO stage): DeepSpeed reads it back."""
+    state = checkpointing.read_client_state(tag_dir)
+    model, _ = build_model(cfg, kwargs=state["model_kwargs"])
+    if cfg.FINETUNE.LINEAR_PROBE:
+        make_linear_probe(model)
+    engine, _ = _initialize_engine(model, cfg, device)
+    root, tag = os.path.split(tag_dir.rstrip("/"))
+    engine.load_checkpoint(root, tag=tag, load_module_only=True, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)  # fmt: skip
+    return _run_test(cfg, engine.module, device, tag_dir)

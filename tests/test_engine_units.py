@@ -1,0 +1,118 @@
+"""Fast unit tests of the training machinery (no processes, no DeepSpeed engine)."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from hpm_video.config import load_config, model_kwargs
+from hpm_video.engine import checkpointing, distributed
+from hpm_video.engine.deepspeed_setup import deepspeed_config
+from hpm_video.engine.optim import apply_schedules, cosine_value, param_groups
+from hpm_video.models import create_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(
+    f for f in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    if not os.path.basename(f).startswith("_")
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_config_loads_and_builds_its_model(path):
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = create_model(cfg.MODEL.NAME, **model_kwargs(cfg))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_published_pretrain_recipe():
+    cfg = load_config(os.path.join(REPO, "configs/pretrain/k400/vit_base_hpm.yaml"))
+    assert (cfg.MASK.MODE, cfg.MASK.RATIO, cfg.MASK.UNIT) == ("hpm", 0.9, "tube")
+    assert (cfg.SOLVER.EPOCHS, cfg.SOLVER.WARMUP_EPOCHS, cfg.SOLVER.BASE_LR) == (800, 40, 1.5e-4)
+    assert tuple(cfg.SOLVER.BETAS) == (0.9, 0.95) and cfg.SOLVER.WEIGHT_DECAY == 0.05
+    assert cfg.DATA.SAMPLING_RATE == 4
+    assert load_config(os.path.join(REPO, "configs/pretrain/ssv2/vit_base_random.yaml")).DATA.SAMPLING_RATE == 2
+
+
+def test_slurm_variables_become_rendezvous(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    distributed.fill_rendezvous_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "16", "1")
+
+
+def test_single_process_defaults(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    distributed.fill_rendezvous_env()
+    assert os.environ["WORLD_SIZE"] == "1" and int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_cosine_schedule():
+    assert cosine_value(0, 1.0, 0.0, 100, 10, 0.0) == 0.0
+    assert cosine_value(5, 1.0, 0.0, 100, 10, 0.0) == pytest.approx(0.5)
+    assert cosine_value(10, 1.0, 0.0, 100, 10) == pytest.approx(1.0)
+    assert cosine_value(55, 1.0, 0.0, 100, 10) == pytest.approx(0.5)
+    assert cosine_value(100, 1.0, 0.1, 100, 10) == pytest.approx(0.1)
+
+
+def test_param_groups_skip_decay_on_biases_norms_and_tokens():
+    model = create_model("hpm_pretrain_vit_tiny_patch16", img_size=32, num_frames=2, encoder_depth=1, decoder_depth=1)
+    groups = param_groups(model, 0.05)
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim > 1 for p in groups[0]["params"])
+    for n in ("mask_token", "encoder.blocks.0.attn.q_bias", "encoder.norm.weight", "decoder.head.bias"):
+        assert all(names[i] != n for i in decayed), n
+    opt = torch.optim.AdamW(groups)
+    apply_schedules(opt, 0.1, 0.0)
+    apply_schedules(opt, 0.2, 0.04)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0]  # a zero-crossing keeps groups apart
+    assert all(g["lr"] == 0.2 for g in opt.param_groups)
+
+
+def test_layer_decay_groups_scale_lr_by_depth():
+    model = create_model("hpm_vit_tiny_patch16", img_size=32, num_frames=2, depth=3, num_classes=5)
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    scale_of = {}
+    for g in groups:
+        for p in g["params"]:
+            scale_of[id(p)] = g["lr_scale"]
+    by_name = {n: scale_of[id(p)] for n, p in model.named_parameters()}
+    assert by_name["patch_embed.proj.weight"] < by_name["blocks.0.attn.qkv.weight"] < by_name["blocks.2.mlp.fc1.weight"]
+    assert by_name["head.weight"] == 1.0
+
+
+def test_deepspeed_config_from_cfg():
+    cfg = load_config(os.path.join(REPO, "configs/demo.yaml"), ["SOLVER.ACCUM_STEPS", "2", "SOLVER.CLIP_GRAD", "5.0",
+                                                                 "ENGINE.ZERO_STAGE", "3"])  # fmt: skip
+    ds = deepspeed_config(cfg, torch.device("cpu"), micro_batch=8)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 5.0 and ds["zero_optimization"]["stage"] == 3
+    assert "fp16" not in ds and "torch_autocast" not in ds
+    bf16 = load_config(os.path.join(REPO, "configs/demo.yaml"), ["ENGINE.PRECISION", "bf16"])
+    assert deepspeed_config(bf16, torch.device("cpu"))["torch_autocast"]["dtype"] == "bfloat16"
+    fp16 = load_config(os.path.join(REPO, "configs/demo.yaml"), ["ENGINE.PRECISION", "fp16"])
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        deepspeed_config(fp16, torch.device("cpu"))
+    assert deepspeed_config(fp16, torch.device("cuda"))["fp16"]["loss_scale"] == 0  # dynamic scaling
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    root = tmp_path / "checkpoints"
+    for epoch, complete in ((1, True), (3, True), (4, False)):
+        tag = root / checkpointing.tag_for_epoch(epoch)
+        tag.mkdir(parents=True)
+        if complete:
+            checkpointing.write_json_atomic(str(tag / checkpointing.MARKER), {"epoch": epoch})
+    assert checkpointing.latest_checkpoint(str(tmp_path)).endswith("epoch-0003")
+    assert checkpointing.read_client_state(checkpointing.latest_checkpoint(str(tmp_path))) == {"epoch": 3}
+    assert checkpointing.resolve_tag_dir(str(tmp_path)).endswith("epoch-0003")
+    with pytest.raises(FileNotFoundError, match="complete checkpoint"):
+        checkpointing.resolve_tag_dir(str(tmp_path / "nothing"))

@@ -1,0 +1,191 @@
+"""Pretraining runs end to end through the real entry points (subprocesses, DeepSpeed on the CPU, fp32).
+
+Each run uses a tiny model on the bundled sample clips. One process: plain ``python run_pretrain.py``;
+two processes: the ``deepspeed`` launcher (as a multi-node job would start) and ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hpm_video.checkpoint import load_model_file
+from hpm_video.config import load_config
+from hpm_video.engine import checkpointing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.slow
+
+TINY = f"""_BASE_: {REPO}/configs/demo.yaml
+MODEL:
+  INPUT_SIZE: 64
+  NUM_FRAMES: 4
+  EMBED_DIM: 48
+  NUM_HEADS: 3
+  DEPTH: 2
+  DECODER_EMBED_DIM: 32
+  DECODER_NUM_HEADS: 2
+  DECODER_DEPTH: 1
+DATA:
+  ROOT: {REPO}/datasets/samples
+  TRAIN_LIST: {REPO}/datasets/samples/train.csv
+  NUM_WORKERS: 0
+  NUM_SAMPLE: 1
+SOLVER:
+  EPOCHS: 3
+  WARMUP_EPOCHS: 1
+  BATCH_SIZE: 2
+  BASE_LR: 0.05
+ENGINE:
+  SAVE_EVERY_EPOCHS: 1
+  VIS_EVERY_EPOCHS: 1000
+  LOG_EVERY_STEPS: 1
+  TENSORBOARD: false
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return str(path)
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def pretrain(config: str, out: str, *overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["run_pretrain.py", "--config", config, "OUTPUT_DIR", out, *overrides]
+    return run(cmd)
+
+
+def losses(out: str) -> list[tuple[int, float, float]]:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r["loss_rec"], r["loss_pred"]) for r in rows if r["kind"] == "train"]
+
+
+def weights(out: str) -> dict[str, torch.Tensor]:
+    return load_model_file(os.path.join(out, "model_final.pth")).state_dict()
+
+
+def test_bad_config_is_refused_clearly(tiny_config, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "run_pretrain.py", "--config", tiny_config, "SOLVER.EPOCH", "3"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown config key 'SOLVER.EPOCH' (did you mean EPOCHS?)" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_BASE_: {tiny_config}\nSOLVER:\n  BATCH_SIZE: two\n")
+    with pytest.raises(ValueError, match="SOLVER.BATCH_SIZE"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match="choose one of: fp32, bf16, fp16"):
+        load_config(tiny_config, ["ENGINE.PRECISION", "fp8"])
+    with pytest.raises(ValueError, match="choose 0, 1, 2 or 3"):
+        load_config(tiny_config, ["ENGINE.ZERO_STAGE", "4"])
+
+
+def test_demo_config_end_to_end(tmp_path):
+    out = str(tmp_path / "demo")
+    proc = pretrain(
+        f"{REPO}/configs/demo.yaml", out, "SOLVER.EPOCHS", "2", "SOLVER.STEPS_PER_EPOCH", "1",
+        "DATA.NUM_WORKERS", "2", "ENGINE.VIS_EVERY_EPOCHS", "1",
+    )  # fmt: skip
+    for name in ("checkpoint", "model", "log", "picture"):
+        assert f"  {name}" in proc.stdout, proc.stdout
+    assert checkpointing.latest_checkpoint(out).endswith("epoch-0001")
+    from PIL import Image
+
+    with Image.open(os.path.join(out, "hard_tubes_epoch0002.png")) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    rows = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    for key in ("loss_rec", "loss_pred", "rank_corr", "alpha", "lr", "grad_norm", "clips_per_s", "skipped_samples"):
+        assert key in rows[-1], key
+    model = load_model_file(os.path.join(out, "model_final.pth"))
+    assert model.masking == "hpm" and model.teacher is not None
+
+
+def test_two_processes_zero2_via_deepspeed_launcher_match_one_process(tiny_config, tmp_path):
+    """Same global batch (4 clips): 2 ranks x 2 under ZeRO-2 vs 1 process x 4 under ZeRO-0."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    pretrain(tiny_config, one, "SOLVER.BATCH_SIZE", "4", "SOLVER.EPOCHS", "2")
+    launcher = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29611"]
+    pretrain(tiny_config, two, "SOLVER.BATCH_SIZE", "2", "SOLVER.EPOCHS", "2", "ENGINE.ZERO_STAGE", "2",
+             launcher=launcher)  # fmt: skip
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 4
+    for (sa, ra, pa), (sb, rb, pb) in zip(a, b):
+        assert sa == sb
+        # Same data, masks and updates; only the float summation order differs between the runs.
+        assert rb == pytest.approx(ra, rel=1e-4) and pb == pytest.approx(pa, rel=1e-4)
+    wa, wb = weights(one), weights(two)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stages_run_and_export(tiny_config, tmp_path, stage):
+    out = str(tmp_path / f"zero{stage}")
+    launcher = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(29620 + stage)]
+    pretrain(tiny_config, out, "ENGINE.ZERO_STAGE", str(stage), "SOLVER.EPOCHS", "2", launcher=launcher)
+    assert len(losses(out)) == 4
+    final = weights(out)
+    exported = str(tmp_path / "full.pth")
+    run([sys.executable, "tools/export_encoder.py", out, "--full", "--output", exported])
+    for key, value in load_model_file(exported).state_dict().items():
+        torch.testing.assert_close(value, final[key], msg=key)
+    encoder = str(tmp_path / "encoder.pth")
+    run([sys.executable, "tools/export_encoder.py", out, "--teacher", "--output", encoder])
+    enc = torch.load(encoder, weights_only=True)["model"]
+    torch.testing.assert_close(enc["blocks.0.attn.qkv.weight"], final["teacher.encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_kill_and_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    pretrain(tiny_config, full)
+    cmd = [sys.executable, "run_pretrain.py", "--config", tiny_config, "OUTPUT_DIR", killed]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(killed, "log.jsonl")
+    deadline = time.time() + 240
+    # Kill -9 once the first checkpoint is complete and the next epoch has taken a step.
+    while time.time() < deadline and proc.poll() is None:
+        if checkpointing.latest_checkpoint(killed) and os.path.exists(log) and len(open(log).readlines()) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(killed, "model_final.pth"))
+    # A save that died half-way (no COMPLETE marker) must be ignored.
+    partial = os.path.join(checkpointing.checkpoint_root(killed), "epoch-0009")
+    os.makedirs(partial)
+    open(os.path.join(partial, "mp_rank_00_model_states.pt"), "wb").write(b"\x00truncated")
+    assert checkpointing.latest_checkpoint(killed) != partial
+    pretrain(tiny_config, killed)
+    shutil.rmtree(partial)
+    wa, wb = weights(full), weights(killed)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-7, msg=key)
+    steps = [s for s, _, _ in losses(killed)]
+    assert steps[-1] == losses(full)[-1][0]
