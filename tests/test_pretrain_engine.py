@@ -140,8 +140,14 @@ def test_two_processes_zero2_via_deepspeed_launcher_match_one_process(tiny_confi
         # Same data, masks and updates; only the float summation order differs between the runs.
         assert rb == pytest.approx(ra, rel=1e-4) and pb == pytest.approx(pa, rel=1e-4)
     wa, wb = weights(one), weights(two)
+    # The pairwise loss ignores a shift of all predictions, so the predictor's final norm bias and head
+    # bias get a gradient that is zero up to rounding; Adam turns that noise into steps of about +-lr.
+    shift_invariant = ("loss_predictor.norm.bias", "loss_predictor.head.bias")
+    lr_bound = 0.05 * 4 / 256 * len(a)
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+        exact = not key.endswith(shift_invariant)
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4 if exact else 0, atol=1e-5 if exact else lr_bound,
+                                   msg=key)  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", [1, 3])

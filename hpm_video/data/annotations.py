@@ -30,7 +30,9 @@ def resolve_under_root(path: str, root: str, *, where: str = "") -> str:
     except ValueError:  # different drives on Windows
         inside = False
     if not inside:
-        raise ValueError(f"{prefix}path {path!r} resolves to {candidate!r}, outside the data root {root_abs!r}")
+        raise ValueError(
+            f"{prefix}path {path!r} resolves to {candidate!r}, outside the data root {root_abs!r}"
+        )
     return candidate
 
 

@@ -42,13 +42,17 @@ def collate_clips(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         try:
             video = torch.cat(videos, dim=0)
         except RuntimeError as e:
-            raise ValueError(f"clips of different shapes in one batch: {[tuple(v.shape) for v in videos]}") from e
+            raise ValueError(
+                f"clips of different shapes in one batch: {[tuple(v.shape) for v in videos]}"
+            ) from e
     else:
         repeats = [1] * len(videos)
         try:
             video = torch.stack(videos, dim=0)
         except RuntimeError as e:
-            raise ValueError(f"clips of different shapes in one batch: {[tuple(v.shape) for v in videos]}") from e
+            raise ValueError(
+                f"clips of different shapes in one batch: {[tuple(v.shape) for v in videos]}"
+            ) from e
 
     out: dict[str, torch.Tensor] = {"video": video}
     counts = torch.tensor(repeats, dtype=torch.long)

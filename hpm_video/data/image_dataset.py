@@ -28,8 +28,9 @@ _reported_lock = threading.Lock()
 _reported: set[str] = set()
 
 
-def scan_class_folders(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[tuple[str, int]],
-                                                                                         list[str]]:
+def scan_class_folders(
+    root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[tuple[str, int]], list[str]]:
     """List ``root/<class>/**/<file>`` as ``[(path, label)]`` with classes sorted by name.
 
     Returns ``(samples, class_names)``. Raises ``ValueError`` when no class folder holds a file.
@@ -91,19 +92,24 @@ class ImageDataset(Dataset):
         self.num_skipped = 0
         bicubic = InterpolationMode.BICUBIC
         if train:
-            steps: list[v2.Transform] = [v2.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic,
-                                                              antialias=True)]
+            steps: list[v2.Transform] = [
+                v2.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic, antialias=True)
+            ]
             if flip:
                 steps.append(v2.RandomHorizontalFlip())
         else:
-            steps = [v2.Resize(int(round(input_size / eval_crop_ratio)), interpolation=bicubic, antialias=True),
-                     v2.CenterCrop(input_size)]
-        self.transform = v2.Compose([
-            *steps,
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ])
+            steps = [
+                v2.Resize(int(round(input_size / eval_crop_ratio)), interpolation=bicubic, antialias=True),
+                v2.CenterCrop(input_size),
+            ]
+        self.transform = v2.Compose(
+            [
+                *steps,
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(mean), std=list(std)),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -137,7 +143,9 @@ class ImageDataset(Dataset):
                         f"{skipped} consecutive unreadable images while loading item {index} "
                         f"(max_retries={self.max_retries}); last: {path!r}: {e}"
                     ) from e
-                current = int(rng.integers(len(self.samples))) if self.train else (current + 1) % len(self.samples)
+                current = (
+                    int(rng.integers(len(self.samples))) if self.train else (current + 1) % len(self.samples)
+                )
         with seeded_globals(seed):
             image = self.transform(img)
         return {"video": image.unsqueeze(1), "label": label, "skipped": skipped}

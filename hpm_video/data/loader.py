@@ -1,10 +1,11 @@
 """DataLoader construction with reproducible order and augmentation.
 
-The sampler hands the dataset ``(index, seed)`` pairs. Seeds are drawn in the main process from
-``(seed, rank, epoch)``, and every random choice for an item derives from its seed (see
-:func:`hpm_video.data.transforms.seeded_globals`), so batches are the same for a fixed seed whatever
-the number of workers (0, 1, 2, ...), and a resumed run that calls ``set_epoch(e)`` sees exactly the
-epoch ``e`` an uninterrupted run would.
+The sampler hands the dataset ``(index, item_seed)`` pairs, and every random choice for an item derives
+from its seed (see :func:`hpm_video.data.transforms.seeded_globals`). The item seed is a hash of
+``(seed, epoch, index)`` only, so a sample gets the same clip and augmentation in a given epoch whatever
+the number of DataLoader workers (0, 1, 2, ...), the number of processes it is sharded over, or its
+position in the batch; and a resumed run that calls ``set_epoch(e)`` sees exactly the epoch ``e`` an
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -22,10 +23,31 @@ from .collate import collate_clips
 __all__ = ["SeededSampler", "build_loader"]
 
 
-class SeededSampler(Sampler):
-    """Yields ``(index, item_seed)``.
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
-    Without ``inner``, it orders ``range(len(dataset))`` itself (a fresh permutation per epoch when
+
+def item_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """One seed in ``[0, 2**62)`` per dataset index, a fixed hash of ``(seed, epoch, index)``.
+
+    A keyed splitmix64 finaliser, vectorised: cheap for a whole epoch at once and well mixed, so
+    neighbouring indices and epochs get unrelated seeds.
+    """
+    k0, k1 = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = np.asarray(indices, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + k0
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        x ^= k1
+    return (x & _MASK64) >> np.uint64(2)
+
+
+class SeededSampler(Sampler):
+    """Yields ``(index, item_seed)`` with ``item_seed = item_seeds(seed, epoch, index)``.
+
+    Without ``inner``, it orders ``range(length)`` itself (a fresh permutation per epoch when
     ``shuffle``); with ``inner`` (e.g. a ``DistributedSampler``) it takes that sampler's order and
     passes the epoch on to it. Each iteration uses the current epoch and then advances it by one, so
     ``set_epoch`` is only needed to jump (e.g. on resume).
@@ -37,7 +59,6 @@ class SeededSampler(Sampler):
         seed: int,
         shuffle: bool = True,
         inner: Sampler | None = None,
-        rank: int = 0,
     ) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -45,7 +66,6 @@ class SeededSampler(Sampler):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.inner = inner
-        self.rank = int(rank)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -58,17 +78,16 @@ class SeededSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         self.epoch += 1  # so a loop that never calls set_epoch still gets a new epoch each time
-        if self.inner is not None and hasattr(self.inner, "set_epoch"):
-            self.inner.set_epoch(epoch)
-        rng = np.random.default_rng([self.seed, self.rank, epoch])
         if self.inner is not None:
-            order = [int(i) for i in self.inner]
+            if hasattr(self.inner, "set_epoch"):
+                self.inner.set_epoch(epoch)
+            order = np.fromiter((int(i) for i in self.inner), dtype=np.int64)
         elif self.shuffle:
-            order = rng.permutation(self.length).tolist()
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
         else:
-            order = list(range(self.length))
-        seeds = rng.integers(0, 2**62, size=len(order))
-        return iter(zip(order, (int(s) for s in seeds)))
+            order = np.arange(self.length)
+        seeds = item_seeds(self.seed, epoch, order)
+        return iter(zip(order.tolist(), seeds.tolist()))
 
 
 def build_loader(
@@ -105,7 +124,7 @@ def build_loader(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
         rank_value = inner.rank
-    sampler = SeededSampler(len(dataset), seed, shuffle=shuffle, inner=inner, rank=rank_value)  # type: ignore[arg-type]
+    sampler = SeededSampler(len(dataset), seed, shuffle=shuffle, inner=inner)  # type: ignore[arg-type]
     generator = torch.Generator()
     generator.manual_seed(int(seed) * 1000 + rank_value)
     kwargs: dict[str, Any] = {}

@@ -131,21 +131,33 @@ class _VideoListDataset(Dataset):
             attempt_rng = np.random.default_rng(int(rng.integers(2**63)))
             seen: dict[str, int] = {}
 
-            def planner(n: int, fps: float, _r: np.random.Generator = attempt_rng,
-                        _seen: dict[str, int] = seen, _path: str = path) -> list[np.ndarray]:
+            def planner(
+                n: int,
+                fps: float,
+                _r: np.random.Generator = attempt_rng,
+                _seen: dict[str, int] = seen,
+                _path: str = path,
+            ) -> list[np.ndarray]:
                 if n <= 0:
                     raise VideoDecodeError(_path, "the video has no frames")
                 _seen["n"] = n
                 return plan(n, _r)
 
             try:
-                clips = read_clips(path, planner, backend=self.backend, timeout_s=self.decode_timeout_s,
-                                   num_threads=self.num_threads)
+                clips = read_clips(
+                    path,
+                    planner,
+                    backend=self.backend,
+                    timeout_s=self.decode_timeout_s,
+                    num_threads=self.num_threads,
+                )
             except VideoDecodeError as e:
                 skipped += 1
                 self.num_skipped += 1
                 errors.append(str(e))
-                _log_once("bad", e.path, "skipping unreadable video (it is replaced by another sample): %s", e)
+                _log_once(
+                    "bad", e.path, "skipping unreadable video (it is replaced by another sample): %s", e
+                )
                 if skipped > self.max_retries:
                     shown = "\n  ".join(errors[-3:])
                     raise RuntimeError(
@@ -162,8 +174,13 @@ class _VideoListDataset(Dataset):
             short = short_check(n)
             if short:
                 self.num_short += 1
-                _log_once("short", path, "video %s has only %d frames, fewer than the sampling needs; "
-                          "padding with its last frame", path, n)
+                _log_once(
+                    "short",
+                    path,
+                    "video %s has only %d frames, fewer than the sampling needs; padding with its last frame",
+                    path,
+                    n,
+                )
             return current, clips, skipped, short
 
 
@@ -195,7 +212,11 @@ class VideoPretrainDataset(_VideoListDataset):
         super().__init__(list_file, root, backend, decode_timeout_s, max_retries)
         if num_sample < 1:
             raise ValueError(f"num_sample must be >= 1, got {num_sample}")
-        self.num_frames, self.sampling_rate, self.num_sample = int(num_frames), int(sampling_rate), int(num_sample)
+        self.num_frames, self.sampling_rate, self.num_sample = (
+            int(num_frames),
+            int(sampling_rate),
+            int(num_sample),
+        )
         self.transform = PretrainTransform(input_size, scales, mean, std)
 
     def __len__(self) -> int:
@@ -208,8 +229,10 @@ class VideoPretrainDataset(_VideoListDataset):
             _, clips, skipped, short = self._decode(
                 index,
                 rng,
-                lambda n, r: [dense_train_indices(n, self.num_frames, self.sampling_rate, r)
-                              for _ in range(self.num_sample)],
+                lambda n, r: [
+                    dense_train_indices(n, self.num_frames, self.sampling_rate, r)
+                    for _ in range(self.num_sample)
+                ],
                 lambda n: is_short(n, self.num_frames, self.sampling_rate, "dense"),
                 replace_randomly=True,
             )
@@ -276,8 +299,14 @@ class VideoFinetuneDataset(_VideoListDataset):
         self.num_crop = int(num_crop) if mode == "test" else 1
         if mode == "train":
             self.train_transform = FinetuneTrainTransform(
-                input_size, flip=flip, rand_augment=rand_augment, reprob=reprob, scale=scale, ratio=ratio,
-                mean=mean, std=std,
+                input_size,
+                flip=flip,
+                rand_augment=rand_augment,
+                reprob=reprob,
+                scale=scale,
+                ratio=ratio,
+                mean=mean,
+                std=std,
             )
         self.eval_transform = EvalTransform(input_size, short_side_size, self.num_crop, mean, std)
         # (requested video, temporal view) -> (video used, resized clip, skipped, short); per process.
@@ -311,12 +340,19 @@ class VideoFinetuneDataset(_VideoListDataset):
         if self.mode == "train":
             with seeded_globals(seed):
                 used, clips, skipped, short = self._decode(
-                    index, rng, lambda n, r: [self._train_indices(n, r) for _ in range(self.num_sample)],
-                    self._short, replace_randomly=True,
+                    index,
+                    rng,
+                    lambda n, r: [self._train_indices(n, r) for _ in range(self.num_sample)],
+                    self._short,
+                    replace_randomly=True,
                 )
                 video = torch.stack([self.train_transform(c, rng) for c in clips])
-            return {"video": video, "label": self.samples[used][1], "skipped": skipped,
-                    "short": int(short) * self.num_sample}
+            return {
+                "video": video,
+                "label": self.samples[used][1],
+                "skipped": skipped,
+                "short": int(short) * self.num_sample,
+            }
 
         # val / test: no randomness at all.
         video_index, view = divmod(index, self.num_views)
@@ -328,8 +364,11 @@ class VideoFinetuneDataset(_VideoListDataset):
             skipped = 0
         else:
             used, clips, skipped, short = self._decode(
-                video_index, rng, lambda n, r: [self._view_indices(n, segment, self.num_segment)],
-                self._short, replace_randomly=False,
+                video_index,
+                rng,
+                lambda n, r: [self._view_indices(n, segment, self.num_segment)],
+                self._short,
+                replace_randomly=False,
             )
             resized = self.eval_transform.resize(clips[0])
             self._cache = (cache_key, (used, resized, skipped, short))
