@@ -195,3 +195,14 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-7, msg=key)
     steps = [s for s, _, _ in losses(killed)]
     assert steps[-1] == losses(full)[-1][0]
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_config, tmp_path):
+    out = str(tmp_path / "nan")
+    # An absurd learning rate drives the weights to inf/NaN within a few steps.
+    cmd = [sys.executable, "run_pretrain.py", "--config", tiny_config, "OUTPUT_DIR", out, "SOLVER.BASE_LR", "1e12",
+           "SOLVER.WARMUP_EPOCHS", "0", "ENGINE.MAX_BAD_STEPS", "2", "SOLVER.EPOCHS", "20"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "non-finite losses in a row" in proc.stderr
+    assert "step skipped" in proc.stderr
