@@ -8,7 +8,6 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 # torch and torchvision first, as a matched pair: timm imports torchvision, and an
 # unmatched pair either fails to import or makes pip swap torch underneath.
@@ -28,7 +27,9 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# A fresh run each time (an existing output/demo would otherwise be resumed, already finished).
 demo: install
+	rm -rf output/demo
 	OMP_NUM_THREADS=2 $(BIN)/python run_pretrain.py --config configs/demo.yaml
 
 bench: install

@@ -25,6 +25,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.SAMPLING": ("dense", "segment"),
     "ENGINE.PRECISION": ("fp32", "bf16", "fp16"),
     "ENGINE.DEVICE": ("auto", "cpu", "cuda"),
+    "FINETUNE.POS_EMBED": ("auto", "sincos1d", "learned"),
+    "FINETUNE.MIXUP_MODE": ("batch", "pair", "elem"),
+    "FINETUNE.PROBE_OPTIMIZER": ("lars", "adamw"),
+    "FINETUNE.TEST_WEIGHTS": ("last", "best"),
 }
 
 
@@ -177,6 +181,19 @@ _C.FINETUNE.MODEL_EMA = False
 _C.FINETUNE.MODEL_EMA_DECAY = 0.9999
 _C.FINETUNE.LINEAR_PROBE = False
 _C.FINETUNE.EVAL_EVERY_EPOCHS = 5
+# Position table: auto = a learned (trainable) table when FINETUNE.INIT stores one (MAE image
+# checkpoints), else VideoMAE's fixed 1-D sin/cos table (not in the state dict).
+_C.FINETUNE.POS_EMBED = "auto"
+# Initialise fc_norm from the pretrained encoder's final norm (VideoMAE and MAE start fc_norm fresh).
+_C.FINETUNE.FC_NORM_FROM_NORM = True
+_C.FINETUNE.MIXUP_MODE = "batch"  # timm: one lambda/box per batch, per pair or per element
+_C.FINETUNE.PROBE_OPTIMIZER = "lars"  # linear probe optimiser (MAE: LARS, momentum 0.9)
+_C.FINETUNE.EVAL_BATCH_SIZE = 0  # per process, for validation and test; 0 = SOLVER.BATCH_SIZE
+_C.FINETUNE.FINAL_TEST = True  # multi-view test after training
+# Weights the final test uses. last: VideoMAE's protocol (its K400/SSv2 test lists are the validation
+# videos, so picking the best epoch on them would flatter the result); best: model_best.pth.
+_C.FINETUNE.TEST_WEIGHTS = "last"
+_C.FINETUNE.CLASS_NAMES = ""  # optional file, one class name per line, for eval.json / predictions.csv
 
 
 def get_cfg() -> CfgNode:

@@ -118,19 +118,22 @@ def _heads_for(dim: int, decoder: bool, override: int | None, source: str) -> in
     for row in SIZES.values():
         if row[width] == dim:
             return row[column]
-    part = "decoder" if decoder else "encoder"
+    part = "a decoder" if decoder else "an encoder"
     raise ValueError(
-        f"{source}: no known head count for a {part} of width {dim}; pass it explicitly "
+        f"{source}: no known head count for {part} of width {dim}; pass it explicitly "
         f"(--{'decoder-' if decoder else ''}num-heads)"
     )
 
 
 def _size_name(dim: int, depth: int) -> str:
-    """The registered size with this encoder width and depth, else ``base`` (every field is overridden)."""
+    """The registered size with this encoder width and depth, else the one of nearest width.
+
+    Only the name is chosen here: every size field is passed explicitly as a keyword override.
+    """
     for name, row in SIZES.items():
         if row[0] == dim and row[1] == depth:
             return name
-    return "base"
+    return min(SIZES, key=lambda name: (abs(SIZES[name][0] - dim), SIZES[name][0]))
 
 
 def model_config_from_state(
@@ -154,7 +157,7 @@ def model_config_from_state(
     prefix = "encoder." if layout == PRETRAIN else ""
     for learned in ("pos_embed", "cls_token"):
         if prefix + learned in state:
-            raise ValueError(f"{source}: has {prefix + learned}; learned position tables / class tokens are not supported")
+            raise ValueError(f"{source}: {prefix + learned}: learned position tables or class tokens are unsupported")
     proj = state[prefix + "patch_embed.proj.weight"]  # (D, C, tubelet, p, p)
     dim, in_chans, tubelet, patch, _ = proj.shape
     depth = _num_blocks(state, prefix + "blocks.")
@@ -495,8 +498,13 @@ def from_hf_model(
 
 
 def _differs(a: Any, b: Any) -> bool:
+    """Whether two kwarg values disagree, a square size ``n`` being equal to ``[n, n]``."""
+
+    def as_pair(x: Any) -> Any:
+        return list(x) if isinstance(x, (list, tuple)) else [x, x]
+
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return list(a if isinstance(a, (list, tuple)) else [a, a]) != list(b if isinstance(b, (list, tuple)) else [b, b])
+        return as_pair(a) != as_pair(b)
     return a != b
 
 

@@ -16,8 +16,9 @@ Fine-tuning specifics:
   * optional EMA of the weights (``FINETUNE.MODEL_EMA``, timm's ModelEmaV3, evaluated alongside);
   * single-view validation every ``FINETUNE.EVAL_EVERY_EPOCHS``; the best top-1 weights (model or
     EMA) go to ``model_best.pth``, the last to ``model_final.pth`` (both self-describing model files);
-  * multi-view test at the end (``DATA.TEST_NUM_SEGMENT`` x ``DATA.TEST_NUM_CROP``) of the best
-    weights: ``eval.json`` and ``predictions.csv`` (see :mod:`hpm_video.engine.evaluation`);
+  * multi-view test at the end (``DATA.TEST_NUM_SEGMENT`` x ``DATA.TEST_NUM_CROP``) of the last
+    (default, VideoMAE's protocol) or best weights (``FINETUNE.TEST_WEIGHTS``): ``eval.json`` and
+    ``predictions.csv`` (see :mod:`hpm_video.engine.evaluation`);
   * linear probing (``FINETUNE.LINEAR_PROBE``): frozen encoder, BatchNorm without affine + linear head
     (MAE's protocol), LARS by default. Saved model files fold the BatchNorm into the linear layer, so
     they load as ordinary classifiers.
@@ -42,6 +43,7 @@ from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import apply_schedules, cosine_value
 from hpm_video.engine.pretrain import epoch_seed, seed_all
+from hpm_video.finetune_init import fold_probe_head
 
 logger = logging.getLogger("hpm_video.finetune")
 
@@ -112,23 +114,6 @@ def make_linear_probe(model: nn.Module) -> nn.Module:
     for p in model.head.parameters():
         p.requires_grad = True
     return model
-
-
-def fold_probe_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold a probe head's BatchNorm (eval mode: a fixed affine map) into its linear layer.
-
-    ``W (x - mean) / s + b == (W / s) x + (b - (W / s) mean)`` with ``s = sqrt(var + eps)``, so the
-    result is an ordinary ``head.weight``/``head.bias`` that computes the same logits.
-    """
-    if "head.0.running_mean" not in state:
-        return state
-    out = {k: v for k, v in state.items() if not k.startswith("head.")}
-    mean = state["head.0.running_mean"].double()
-    scale = torch.sqrt(state["head.0.running_var"].double() + 1e-6)
-    weight = state["head.1.weight"].double() / scale[None, :]
-    out["head.weight"] = weight.to(state["head.1.weight"].dtype)
-    out["head.bias"] = (state["head.1.bias"].double() - weight @ mean).to(state["head.1.bias"].dtype)
-    return out
 
 
 def make_probe_optimizer(model: nn.Module, cfg: CfgNode) -> torch.optim.Optimizer:
@@ -522,7 +507,8 @@ def train(cfg: CfgNode) -> dict[str, str]:
     dist_utils.barrier()
 
     if cfg.FINETUNE.FINAL_TEST and (cfg.DATA.TEST_LIST or cfg.DATA.VAL_LIST):
-        weights = paths.get("best") or os.path.join(cfg.OUTPUT_DIR, FINAL_FILE)
+        final = os.path.join(cfg.OUTPUT_DIR, FINAL_FILE)
+        weights = paths.get("best", final) if cfg.FINETUNE.TEST_WEIGHTS == "best" else final
         paths.update(test(cfg, weights, device))
     dist_utils.barrier()
     return paths
@@ -583,16 +569,19 @@ def _run_test(cfg: CfgNode, model: nn.Module, device: torch.device, weights: str
 
 
 def evaluate_only(cfg: CfgNode, checkpoint: str | None = None) -> dict[str, str]:
-    """``--eval``: multi-view test of ``checkpoint``, else of this run's best model, final model or latest
-    DeepSpeed checkpoint, else of ``FINETUNE.INIT`` (which then must hold a trained head)."""
+    """``--eval``: multi-view test of ``checkpoint``, else of this run's final model and best model (in the
+    order ``FINETUNE.TEST_WEIGHTS`` prefers), else its latest DeepSpeed checkpoint (any ZeRO stage), else
+    ``FINETUNE.INIT`` (which then must hold a trained head)."""
     device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
     dist_utils.init_distributed(device)
     logging.basicConfig(level=logging.INFO if dist_utils.is_main() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     if checkpoint is None:
-        for candidate in (os.path.join(cfg.OUTPUT_DIR, BEST_FILE), os.path.join(cfg.OUTPUT_DIR, FINAL_FILE),
-                          checkpointing.latest_checkpoint(cfg.OUTPUT_DIR), cfg.FINETUNE.INIT):  # fmt: skip
+        run_files = [os.path.join(cfg.OUTPUT_DIR, FINAL_FILE), os.path.join(cfg.OUTPUT_DIR, BEST_FILE)]
+        if cfg.FINETUNE.TEST_WEIGHTS == "best":
+            run_files.reverse()
+        for candidate in (*run_files, checkpointing.latest_checkpoint(cfg.OUTPUT_DIR), cfg.FINETUNE.INIT):
             if candidate and os.path.exists(candidate):
                 checkpoint = candidate
                 break
@@ -604,19 +593,4 @@ def evaluate_only(cfg: CfgNode, checkpoint: str | None = None) -> dict[str, str]
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     logger.info("evaluating %s", checkpoint)
-    if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, checkpointing.MARKER)):
-        return _test_deepspeed_checkpoint(cfg, checkpoint, device)
     return test(cfg, checkpoint, device)
-
-
-def _test_deepspeed_checkpoint(cfg: CfgNode, tag_dir: str, device: torch.device) -> dict[str, str]:
-    """A fine-tuning run's own DeepSpeed checkpoint (any ZeRO stage): DeepSpeed reads it back."""
-    state = checkpointing.read_client_state(tag_dir)
-    model, _ = build_model(cfg, kwargs=state["model_kwargs"])
-    if cfg.FINETUNE.LINEAR_PROBE:
-        make_linear_probe(model)
-    engine, _ = _initialize_engine(model, cfg, device)
-    root, tag = os.path.split(tag_dir.rstrip("/"))
-    engine.load_checkpoint(root, tag=tag, load_module_only=True, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)  # fmt: skip
-    return _run_test(cfg, engine.module, device, tag_dir)

@@ -8,7 +8,15 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from hpm_video.models.layers import SinCosPositionTable, TubePatchEmbed, init_vit_weights, make_blocks
+from hpm_video.models.layers import (
+    SinCosPositionTable,
+    TubePatchEmbed,
+    init_vit_weights,
+    make_blocks,
+    sincos_position_table,
+)
+
+POS_EMBED_KINDS = ("sincos1d", "learned")
 
 
 class VisionTransformer(nn.Module):
@@ -16,6 +24,11 @@ class VisionTransformer(nn.Module):
 
     State-dict keys match VideoMAE's fine-tune checkpoints: ``patch_embed.proj.*``, ``blocks.N.*``,
     ``fc_norm.*``, ``head.*`` (no position table, no final ``norm`` with mean pooling).
+
+    ``pos_embed="learned"`` replaces the fixed 1-D table by a trainable ``pos_embed`` parameter
+    ``(1, N, D)`` (stored in the state dict, timm/MAE name), for checkpoints that carry their own table
+    such as MAE's 2-D sin/cos one. It starts as the 1-D table, so an unloaded model computes the same
+    function as the default. The default keeps the state dict free of any position table.
     """
 
     def __init__(
@@ -38,13 +51,21 @@ class VisionTransformer(nn.Module):
         num_frames: int = 16,
         tubelet_size: int = 2,
         grad_checkpointing: bool = False,
+        pos_embed: str = "sincos1d",
         **unused,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.patch_embed = TubePatchEmbed(img_size, patch_size, in_chans, embed_dim, num_frames, tubelet_size)
-        self.pos_embed = SinCosPositionTable(self.patch_embed.num_patches, embed_dim)
+        if pos_embed not in POS_EMBED_KINDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}")
+        self.pos_embed_kind = pos_embed
+        num_patches = self.patch_embed.num_patches
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(sincos_position_table(num_patches, embed_dim))
+        else:
+            self.pos_embed = SinCosPositionTable(num_patches, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = make_blocks(
             depth, embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, drop_path_rate, init_values
@@ -69,12 +90,15 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return set()
+        # A learned table is 3-D, so the "1-D params take no decay" rule would miss it.
+        return {"pos_embed"} if self.pos_embed_kind == "learned" else set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer groups for timm's layer-wise lr decay: patch embed first, one group per block."""
-        return {"stem": r"^patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^(norm|fc_norm)", (99999,))]}
+        """Layer groups for timm's layer-wise lr decay: patch embed (and a learned position table) first,
+        one group per block. Whatever follows the blocks (norm, fc_norm, head) falls into the last group
+        with lr scale 1, as in VideoMAE/BEiT (timm would merge an explicit norm group into the last block)."""
+        return {"stem": r"^(?:patch_embed|pos_embed)", "blocks": [(r"^blocks\.(\d+)", None)]}
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -83,9 +107,20 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+    def position_table(self, num_tokens: int) -> torch.Tensor:
+        """``(1, num_tokens, D)`` table added to the tokens."""
+        if self.pos_embed_kind == "sincos1d":
+            return self.pos_embed(num_tokens)
+        if num_tokens != self.pos_embed.shape[1]:
+            raise ValueError(
+                f"the clip gives {num_tokens} tokens but the learned position table has {self.pos_embed.shape[1]}; "
+                "build the model for this clip size (the loader resizes stored tables to it)"
+            )
+        return self.pos_embed
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
-        x = x + self.pos_embed(x.shape[1]).to(x.dtype)
+        x = x + self.position_table(x.shape[1]).to(x.dtype)
         x = self.pos_drop(x)
         x = self.blocks(x)
         return self.norm(x)
