@@ -101,22 +101,27 @@ def resolve_tag_dir(path: str) -> str:
 def consolidated_state_dict(tag_dir: str) -> dict:
     """Full fp32 weights of a checkpoint saved under any ZeRO stage, on the CPU.
 
-    ZeRO-1/2/3 keep the authoritative fp32 weights partitioned in the optimiser files, which
-    DeepSpeed's ``zero_to_fp32`` reassembles (frozen parameters such as the teacher included);
-    ZeRO-0 stores the whole module in the model-states file.
+    The model-states file holds the whole module under ZeRO-0/1/2 (ZeRO-3 leaves placeholders);
+    ZeRO-1/2/3 also keep the authoritative fp32 weights partitioned in the optimiser files, which
+    DeepSpeed's ``zero_to_fp32`` reassembles and which take precedence. Frozen parameters (the EMA
+    teacher) come from whichever of the two holds them.
     """
     import glob
 
     import torch
 
     root, tag = os.path.split(os.path.abspath(tag_dir))
-    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    files = glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt"))
+    files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))  # ZeRO-3: zero_pp_rank_N_...
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model-states file")
     # Our own checkpoint (it also holds the optimiser's Python state), so a full unpickle is needed.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state.update(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise ValueError(f"{tag_dir}: could not reassemble {len(empty)} tensors, e.g. {empty[:3]}")
+    return state
