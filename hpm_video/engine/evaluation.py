@@ -245,7 +245,7 @@ def evaluate(
     records, skipped = run_views(model, loader, device, precision, max_steps, progress)
     merged = gather_and_merge(records, num_videos, device)
     metrics = compute_metrics(merged, num_classes)
-    skipped_all = int(dist_utils.all_reduce_sum(torch.tensor(skipped)).item())
+    skipped_all = int(dist_utils.all_reduce_sum(torch.tensor(skipped, device=device)).item())  # NCCL: device tensors
     incomplete = int((merged.num_views != expected_views).sum())
     metrics.update(
         num_videos_listed=int(num_videos), views_per_video=int(expected_views), incomplete_videos=incomplete,

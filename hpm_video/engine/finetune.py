@@ -280,11 +280,29 @@ def _save_model(path: str, state: dict, cfg: CfgNode, kwargs: dict, meta: dict |
 
 
 # ------------------------------------------------------------------------------------ train
+def check_settings(cfg: CfgNode) -> None:
+    """Refuse settings that cannot work, before anything is started or written."""
+    from hpm_video.models import CLASSIFIER_MODELS
+
+    if cfg.MODEL.NAME not in CLASSIFIER_MODELS:
+        raise ValueError(
+            f"config MODEL.NAME = {cfg.MODEL.NAME!r} is a pretraining model; fine-tuning needs a classifier: "
+            f"{', '.join(CLASSIFIER_MODELS)}"
+        )
+    if cfg.FINETUNE.MODEL_EMA and cfg.ENGINE.ZERO_STAGE == 3:
+        raise ValueError("FINETUNE.MODEL_EMA needs whole weights on every rank; use ENGINE.ZERO_STAGE <= 2 with it")
+    if cfg.FINETUNE.NUM_CLASSES < 1:
+        raise ValueError(f"config FINETUNE.NUM_CLASSES = {cfg.FINETUNE.NUM_CLASSES} must be >= 1")
+    if cfg.FINETUNE.EVAL_EVERY_EPOCHS < 1:
+        raise ValueError(f"config FINETUNE.EVAL_EVERY_EPOCHS = {cfg.FINETUNE.EVAL_EVERY_EPOCHS} must be >= 1")
+
+
 def train(cfg: CfgNode) -> dict[str, str]:
     """Run (or resume) fine-tuning, then the multi-view test; returns the paths of what it wrote."""
     from hpm_video.data import build_loader
     from hpm_video.finetune_init import load_pretrained, read_checkpoint, write_report
 
+    check_settings(cfg)
     device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
     dist_utils.init_distributed(device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
@@ -294,8 +312,6 @@ def train(cfg: CfgNode) -> dict[str, str]:
     if main:
         with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
-    if cfg.FINETUNE.MODEL_EMA and cfg.ENGINE.ZERO_STAGE == 3:
-        raise ValueError("FINETUNE.MODEL_EMA needs whole weights on every rank; use ENGINE.ZERO_STAGE <= 2 with it")
 
     latest = checkpointing.latest_checkpoint(cfg.OUTPUT_DIR) if cfg.ENGINE.AUTO_RESUME else None
     resume_state = checkpointing.read_client_state(latest) if latest else None
@@ -361,7 +377,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD)
     paths["log"] = run_log.path
     start_epoch, skipped_total = 0, 0
-    best = {"top1": float("-inf"), "epoch": -1, "weights": ""}
+    best: dict = {"top1": None, "epoch": None, "weights": None}  # JSON-safe: it goes into the checkpoint marker
     if latest:
         state = checkpointing.load(engine, latest)
         start_epoch, skipped_total = state["epoch"] + 1, state.get("skipped_samples", 0)
@@ -438,7 +454,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
             bar.update(1)
 
             if count and (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
-                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window)).item())
+                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window, device=device)).item())
                 skipped_total += skipped_now
                 elapsed = time.perf_counter() - window_start
                 stats = {k: (v / max(count, 1)).item() for k, v in sums.items()}
@@ -473,7 +489,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
                     logger.info("epoch %d val (%s): top-1 %.2f, top-5 %.2f, loss %.4f on %d videos", epoch + 1, name,
                                 metrics["top1"], metrics["top5"], metrics.get("loss", float("nan")),
                                 metrics["num_videos"])  # fmt: skip
-                if metrics["top1"] > best["top1"]:
+                if best["top1"] is None or metrics["top1"] > best["top1"]:
                     best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch, "weights": name}
                     state = export_state(engine, cfg) if name == "model" else _module_state(net)
                     if main:
@@ -509,13 +525,13 @@ def train(cfg: CfgNode) -> dict[str, str]:
     if cfg.FINETUNE.FINAL_TEST and (cfg.DATA.TEST_LIST or cfg.DATA.VAL_LIST):
         final = os.path.join(cfg.OUTPUT_DIR, FINAL_FILE)
         weights = paths.get("best", final) if cfg.FINETUNE.TEST_WEIGHTS == "best" else final
-        paths.update(test(cfg, weights, device))
+        paths.update(final_test(cfg, weights, device))
     dist_utils.barrier()
     return paths
 
 
 # ------------------------------------------------------------------------------------- test
-def test(cfg: CfgNode, weights: str, device: torch.device | None = None) -> dict[str, str]:
+def final_test(cfg: CfgNode, weights: str, device: torch.device | None = None) -> dict[str, str]:
     """Multi-view test of a model file on ``DATA.TEST_LIST`` (else ``VAL_LIST``); writes eval.json and
     predictions.csv in ``OUTPUT_DIR``. Every rank evaluates a plain (non-DeepSpeed) copy of the model."""
     from hpm_video.finetune_init import load_pretrained, read_checkpoint
@@ -572,6 +588,7 @@ def evaluate_only(cfg: CfgNode, checkpoint: str | None = None) -> dict[str, str]
     """``--eval``: multi-view test of ``checkpoint``, else of this run's final model and best model (in the
     order ``FINETUNE.TEST_WEIGHTS`` prefers), else its latest DeepSpeed checkpoint (any ZeRO stage), else
     ``FINETUNE.INIT`` (which then must hold a trained head)."""
+    check_settings(cfg)
     device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
     dist_utils.init_distributed(device)
     logging.basicConfig(level=logging.INFO if dist_utils.is_main() else logging.WARNING,
@@ -593,4 +610,4 @@ def evaluate_only(cfg: CfgNode, checkpoint: str | None = None) -> dict[str, str]
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     logger.info("evaluating %s", checkpoint)
-    return test(cfg, checkpoint, device)
+    return final_test(cfg, checkpoint, device)

@@ -174,7 +174,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
             bar.update(1)
 
             if count and (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
-                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window)).item())
+                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window, device=device)).item())
                 skipped_total += skipped_now
                 elapsed = time.perf_counter() - window_start
                 # Means over every rank's steps in the window (a collective: all ranks log together).
