@@ -43,6 +43,7 @@ from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import apply_schedules, cosine_value
 from hpm_video.engine.pretrain import epoch_seed, seed_all
+from hpm_video.engine.steps import NonFiniteGuard, backward_and_step, clips_per_step, jsonable
 from hpm_video.finetune_init import fold_probe_head
 
 logger = logging.getLogger("hpm_video.finetune")
@@ -186,9 +187,6 @@ def build_dataset(cfg: CfgNode, mode: str):
     )  # fmt: skip
 
 
-def clips_per_step(cfg: CfgNode) -> int:
-    return cfg.SOLVER.BATCH_SIZE * (cfg.DATA.NUM_SAMPLE if cfg.DATA.DATASET != "image" else 1)
-
 
 def eval_batch_size(cfg: CfgNode) -> int:
     return cfg.FINETUNE.EVAL_BATCH_SIZE or cfg.SOLVER.BATCH_SIZE
@@ -232,9 +230,6 @@ def build_model(cfg: CfgNode, init_state=None, kwargs: dict | None = None) -> tu
     return create_model(cfg.MODEL.NAME, **kwargs), kwargs
 
 
-def _jsonable(kwargs: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-
 
 def _initialize_engine(model: nn.Module, cfg: CfgNode, device: torch.device):
     """DeepSpeed engine: the shared set-up (AdamW with layer decay), or LARS for a linear probe."""
@@ -273,7 +268,7 @@ def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def _save_model(path: str, state: dict, cfg: CfgNode, kwargs: dict, meta: dict | None = None) -> str:
     from hpm_video.checkpoint import save_model_file
 
-    save_model_file(path, state, cfg.MODEL.NAME, **_jsonable(kwargs))
+    save_model_file(path, state, cfg.MODEL.NAME, **jsonable(kwargs))
     if meta is not None:
         evaluation.write_json(os.path.splitext(path)[0] + ".json", meta)
     return path
@@ -403,7 +398,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
             cfg.FINETUNE.LINEAR_PROBE,
         )  # fmt: skip
 
-    bad_in_row = bad_total = 0
+    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS)
     tracked = ("loss", "acc1")
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
         loader.sampler.set_epoch(epoch)
@@ -429,23 +424,10 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 videos, targets = mixup(videos, labels)
             logits = engine(videos.half() if fp16 else videos)
             loss = criterion(logits.float(), targets)
-            if not dist_utils.all_ranks_true(torch.isfinite(loss)):
-                bad_in_row += 1
-                bad_total += 1
-                logger.warning("non-finite loss at epoch %d step %d: step skipped (%d in a row)", epoch, step,
-                               bad_in_row)  # fmt: skip
-                if bad_in_row >= cfg.ENGINE.MAX_BAD_STEPS:
-                    raise RuntimeError(
-                        f"{bad_in_row} non-finite losses in a row (epoch {epoch}, step {step}); stopping. "
-                        "Lower SOLVER.BASE_LR, use bf16 instead of fp16, or check the data."
-                    )
+            if not guard.ok(loss, epoch, step):
                 bar.update(1)
                 continue
-            bad_in_row = 0
-            engine.backward(loss)
-            before = engine.global_steps
-            engine.step()
-            if ema is not None and engine.global_steps != before:
+            if backward_and_step(engine, loss) and ema is not None:
                 ema.update(module)
             sums["loss"] += loss.detach().float()
             # Accuracy against the unmixed labels (with mixing it is only a rough signal).
@@ -463,7 +445,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
                     epoch=epoch, lr=lr, weight_decay=wd,
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
                     clips_per_s=count * clips_per_step(cfg) * world / max(elapsed, 1e-9),
-                    skipped_samples=skipped_total, nonfinite_steps=bad_total,
+                    skipped_samples=skipped_total, nonfinite_steps=guard.total,
                 )  # fmt: skip
                 run_log.log(engine.global_steps, stats)
                 bar.set_postfix({"loss": f"{stats['loss']:.4g}", "acc1": f"{stats['acc1']:.1f}", "lr": f"{lr:.2e}",
@@ -500,7 +482,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
         if last or (epoch + 1) % cfg.ENGINE.SAVE_EVERY_EPOCHS == 0:
             client_state = {
                 "epoch": epoch, "global_step": int(engine.global_steps), "skipped_samples": skipped_total,
-                "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": _jsonable(kwargs), "best": best,
+                "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": jsonable(kwargs), "best": best,
             }  # fmt: skip
             tag_dir = os.path.join(checkpointing.checkpoint_root(cfg.OUTPUT_DIR), checkpointing.tag_for_epoch(epoch))
             if ema is not None and main:

@@ -23,6 +23,7 @@ from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.deepspeed_setup import initialize
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import apply_schedules, cosine_value
+from hpm_video.engine.steps import NonFiniteGuard, backward_and_step, clips_per_step, jsonable
 from hpm_video.masking import easy_to_hard_alpha
 from hpm_video.models import create_model, ema_decay
 
@@ -58,10 +59,6 @@ def build_pretrain_dataset(cfg: CfgNode):
         backend=data.BACKEND, decode_timeout_s=data.DECODE_TIMEOUT,
     )  # fmt: skip
 
-
-def clips_per_step(cfg: CfgNode) -> int:
-    """Clips in one process's micro-batch (videos x repeated-augmentation samples)."""
-    return cfg.SOLVER.BATCH_SIZE * (cfg.DATA.NUM_SAMPLE if cfg.DATA.DATASET != "image" else 1)
 
 
 def train(cfg: CfgNode) -> dict[str, str]:
@@ -119,8 +116,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     paths: dict[str, str] = {"log": run_log.path, "output_dir": cfg.OUTPUT_DIR}
     if latest:
         paths["checkpoint"] = latest
-    bad_in_row = 0
-    bad_total = 0
+    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS)
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
         loader.sampler.set_epoch(epoch)
         seed_all(epoch_seed(cfg.SEED, epoch) + rank)
@@ -148,24 +144,10 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 vis_batch = videos[: cfg.ENGINE.VIS_NUM_CLIPS].detach().clone()
 
             out = engine(videos, alpha=alpha, generator=mask_gen, shard=(rank, world))
-            # One flag per step, agreed by all ranks, so that they skip the same steps together.
-            if not dist_utils.all_ranks_true(torch.isfinite(out["loss"])):
-                bad_in_row += 1
-                bad_total += 1
-                logger.warning("non-finite loss at epoch %d step %d: step skipped (%d in a row)", epoch, step,
-                               bad_in_row)  # fmt: skip
-                if bad_in_row >= cfg.ENGINE.MAX_BAD_STEPS:
-                    raise RuntimeError(
-                        f"{bad_in_row} non-finite losses in a row (epoch {epoch}, step {step}); stopping. "
-                        "Lower SOLVER.BASE_LR, use bf16 instead of fp16, or check the data."
-                    )
+            if not guard.ok(out["loss"], epoch, step):
                 bar.update(1)
                 continue
-            bad_in_row = 0
-            engine.backward(out["loss"])
-            before = engine.global_steps
-            engine.step()
-            if engine.global_steps != before:
+            if backward_and_step(engine, out["loss"]):
                 module.update_teacher(decay)
             for key in TRACKED:
                 if key in out:
@@ -186,7 +168,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
                     epoch=epoch, alpha=alpha, lr=lr, weight_decay=wd, ema_decay=decay,
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
                     clips_per_s=count * clips_per_step(cfg) * world / max(elapsed, 1e-9),
-                    skipped_samples=skipped_total, nonfinite_steps=bad_total,
+                    skipped_samples=skipped_total, nonfinite_steps=guard.total,
                 )  # fmt: skip
                 run_log.log(engine.global_steps, stats)
                 bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss_rec", "loss_pred", "rank_corr") if k in stats}
@@ -200,7 +182,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
         if last or (epoch + 1) % cfg.ENGINE.SAVE_EVERY_EPOCHS == 0:
             client_state = {
                 "epoch": epoch, "global_step": int(engine.global_steps), "skipped_samples": skipped_total,
-                "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": _jsonable(kwargs),
+                "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": jsonable(kwargs),
             }  # fmt: skip
             paths["checkpoint"] = checkpointing.save(engine, cfg.OUTPUT_DIR, epoch, client_state, cfg.ENGINE.KEEP_LAST)
         if vis_batch is not None and (last or (epoch + 1) % cfg.ENGINE.VIS_EVERY_EPOCHS == 0):
@@ -211,9 +193,6 @@ def train(cfg: CfgNode) -> dict[str, str]:
     dist_utils.barrier()
     return paths
 
-
-def _jsonable(kwargs: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
 
 def _visualize(module, videos: torch.Tensor, alpha: float, cfg: CfgNode, epoch: int, main: bool) -> str:

@@ -351,8 +351,12 @@ class HPMPretrainModel(nn.Module):
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
+        num_masked: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """One pretraining step's forward on clips ``(B, C, T, H, W)``.
+
+        A given ``mask`` is checked on the host unless its per-sample count ``num_masked`` is passed
+        too (what a compiled step should do: the check reads values back and breaks the graph).
 
         Returns ``loss`` (to backpropagate), ``loss_rec``, and with a predictor ``loss_pred`` and
         ``rank_corr``; also ``mask`` ``(B, N)`` and detached per-token values for visualisation.
@@ -364,7 +368,7 @@ class HPMPretrainModel(nn.Module):
         if mask is None:
             mask = self.generate_mask(videos, alpha, generator, shard)
             num_masked = self.mask_generator((t, h, w)).num_masked
-        else:
+        elif num_masked is None:
             num_masked = masklib.check_mask(mask, batch, num_tokens)
         ids_keep, ids_masked = masklib.visible_and_masked_ids(mask, num_masked)
         latent = self.forward_encoder(videos, ids_keep)

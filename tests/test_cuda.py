@@ -1,0 +1,112 @@
+"""Checks that need a CUDA device (``pytest -m cuda``); every test skips without one.
+
+Run by ``tools/gpu_check.sh``. They need only torch, timm and einops (plus triton for
+``torch.compile``), which is what a bare GPU machine has.
+"""
+
+import pytest
+import torch
+
+import hpm_video  # noqa: F401
+from hpm_video.models import create_model
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TINY = dict(
+    img_size=64, patch_size=16, num_frames=4, tubelet_size=2,
+    encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=3,
+    decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, mask_ratio=0.75,
+)  # fmt: skip
+NAME = "hpm_pretrain_vit_tiny_patch16"
+
+
+def model_on_cuda(**kw):
+    torch.manual_seed(0)
+    return create_model(NAME, **{**TINY, **kw}).cuda()
+
+
+def clips(batch=4):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, 4, 64, 64, generator=generator).cuda()
+
+
+@pytest.mark.parametrize("masking", ["random", "hpm"])
+def test_bf16_step_is_finite_and_close_to_fp32(masking):
+    model = model_on_cuda(masking=masking)
+    videos = clips()
+    mask = model.generate_mask(videos, alpha=0.5)
+    out32 = model(videos, mask=mask)
+    out32["loss"].backward()
+    grads32 = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out16 = model(videos, mask=mask)
+    out16["loss"].backward()
+    assert torch.isfinite(out16["loss"]) and torch.isfinite(out16["loss_rec"])
+    # bf16 keeps ~3 significant digits: the reconstruction loss agrees loosely, not exactly.
+    torch.testing.assert_close(out16["loss_rec"].float(), out32["loss_rec"], rtol=3e-2, atol=3e-2)
+    if masking == "hpm":
+        torch.testing.assert_close(out16["loss_pred"].float(), out32["loss_pred"], rtol=5e-2, atol=5e-2)
+    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    grads16 = torch.cat([dict(model.named_parameters())[n].grad.flatten().float() for n in names])
+    assert torch.isfinite(grads16).all()
+    reference = torch.cat([grads32[n].flatten() for n in names])
+    cosine = torch.nn.functional.cosine_similarity(grads16, reference, dim=0)
+    assert cosine > 0.95, float(cosine)  # the whole gradient points the same way
+
+
+def test_hard_masking_on_cuda_gives_exact_counts():
+    model = model_on_cuda(masking="hpm")
+    videos = clips(batch=8)
+    for alpha in (0.0, 0.5, 1.0):
+        mask = model.generate_mask(videos, alpha=alpha)
+        assert mask.device.type == "cuda" and mask.dtype == torch.bool
+        assert (mask.sum(dim=1) == 12 * 2).all()  # int(0.75 * 16) tubes x 2 time slots, every sample
+        assert torch.equal(mask[:, :16], mask[:, 16:])  # tube masking: same positions in every slot
+    # alpha = 1: exactly the tubes with the highest time-averaged predicted loss.
+    scores = model.score_tokens(videos).float().mean(dim=1)  # (B, 16)
+    hardest = torch.topk(scores, 12, dim=1).indices
+    mask = model.generate_mask(videos, alpha=1.0)
+    assert mask[:, :16].gather(1, hardest).all()
+
+
+@pytest.mark.parametrize("masking", ["random", "hpm"])
+def test_forward_compiles_without_graph_breaks(masking):
+    """The training forward (mask drawn inside) is one graph: no host syncs, no Python fallbacks."""
+    torch._dynamo.reset()
+    model = model_on_cuda(masking=masking)
+    videos = clips()
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
+    out = compiled(videos, alpha=0.5)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    explanation = torch._dynamo.explain(model)(videos, alpha=0.5)
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+
+
+def test_encoder_decoder_with_a_given_mask_compile_in_one_graph():
+    """A given mask: the model's parts (the path the visualiser and evaluation use) compile fully.
+
+    ``forward(mask=...)`` itself validates the mask on the host first (``check_mask``), which is a
+    graph break by design; the parts after it must not add any.
+    """
+    from hpm_video.masking import visible_and_masked_ids
+
+    torch._dynamo.reset()
+    model = model_on_cuda(masking="hpm")
+    videos = clips()
+    mask = model.generate_mask(videos, alpha=0.5)
+    num_masked = int(mask[0].sum())
+    ids_keep, ids_masked = visible_and_masked_ids(mask, num_masked)
+
+    def parts(videos, ids_keep, ids_masked):
+        latent = model.forward_encoder(videos, ids_keep)
+        reconstruction, predicted = model.forward_decoder(latent, ids_keep, ids_masked)
+        return model.forward_loss(videos, reconstruction, predicted, ids_masked)["loss"]
+
+    eager = parts(videos, ids_keep, ids_masked)
+    compiled = torch.compile(parts, fullgraph=True)(videos, ids_keep, ids_masked)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,149 @@
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hpm_video  # noqa: F401
+from hpm_video.flops import (
+    analytic_params,
+    arch_from_model,
+    arch_from_name,
+    count_flops,
+    fvcore_macs,
+    model_flops,
+)
+from hpm_video.models import CLASSIFIER_MODELS, PRETRAIN_MODELS, create_model
+
+pytest.importorskip("fvcore")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_SIZES = ("tiny", "small", "base")  # large/huge are left to the tool: slow to trace on a CPU
+
+
+def hand_count_videomae_base_forward_flops() -> float:
+    """ViT-B 16x224, tube mask 0.9, no predictor: forward FLOPs (2 per multiply-add), written out.
+
+    Only linear layers (incl. the patch-embedding conv) and the two attention matmuls per block.
+    """
+    tokens, visible = 8 * 14 * 14, 8 * (196 - int(0.9 * 196))  # 1568, 160
+    masked = tokens - visible
+    enc_dim, enc_depth = 768, 12
+    dec_dim, dec_depth = 384, 4
+    patch_dim = 3 * 2 * 16 * 16  # 1536 values per tube
+
+    def block(n, d):  # qkv + proj + MLP (4x) linears, then Q K^T and P V
+        return n * (3 * d * d + d * d + 2 * d * 4 * d) + 2 * n * n * d
+
+    macs = tokens * patch_dim * enc_dim  # patch embedding runs on every tube
+    macs += enc_depth * block(visible, enc_dim)
+    macs += visible * enc_dim * dec_dim  # encoder_to_decoder
+    macs += dec_depth * block(tokens, dec_dim)
+    macs += masked * dec_dim * patch_dim  # decoder head on the masked tokens only
+    return 2 * macs
+
+
+def test_videomae_base_pretraining_matches_hand_count():
+    report = model_flops("hpm_pretrain_vit_base_patch16", 16, 224, mask_ratio=0.9, masking="random", method="fvcore")
+    assert report["tokens"] == 1568 and report["visible_tokens"] == 160
+    hand = hand_count_videomae_base_forward_flops() / 1e9
+    assert hand == pytest.approx(70.9, rel=0.01)  # DESIGN: 212.6 GFLOPs per training clip = 3 x forward
+    assert report["forward_gflops"] == pytest.approx(hand, rel=0.05)
+    assert report["train_gflops"] == pytest.approx(212.6, rel=0.05)
+    assert report["forward_gmacs"] * 2 == pytest.approx(report["forward_gflops"])
+    assert report["teacher_gflops"] == 0
+    assert report["params"] == analytic_params(arch_from_name("hpm_pretrain_vit_base_patch16"))[0]
+    assert report["params"] / 1e6 == pytest.approx(94.2, abs=0.1)  # VideoMAE ViT-B pretraining model
+
+
+def test_sdpa_handler_counts_attention_matmuls():
+    class Attend(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+    total, _ = fvcore_macs(Attend(), (q, k, v))
+    assert total == 2 * 3 * 5 * 7 * (8 + 4)
+
+
+TINY = dict(num_frames=4, img_size=64, encoder_depth=2, decoder_depth=1)
+VARIANTS = [
+    dict(masking="hpm"),
+    dict(masking="random", use_predictor=True, mask_unit="token", mask_ratio=0.75),
+    dict(masking="random", qkv_bias=False, init_values=0.1, mlp_ratio=2.0),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fvcore_and_closed_form_agree_exactly(variant):
+    kwargs = {**TINY, **variant}
+    model = create_model("hpm_pretrain_vit_tiny_patch16", **kwargs)
+    traced = count_flops(model, method="fvcore")
+    closed = count_flops(model, method="analytic")
+    by_name = model_flops("hpm_pretrain_vit_tiny_patch16", method="analytic", **kwargs)
+    for key in ("forward_gmacs", "teacher_gmacs", "train_gmacs"):
+        assert traced[key] == pytest.approx(closed[key], rel=1e-9) == by_name[key]
+    assert arch_from_model(model) == arch_from_name("hpm_pretrain_vit_tiny_patch16", **kwargs)
+    assert (traced["params"], traced["teacher_params"]) == analytic_params(arch_from_model(model))
+    assert traced["parts_gmacs"]["other"] == 0  # every counted op sits in a named part
+    assert traced["train_gmacs"] == pytest.approx(3 * traced["forward_gmacs"] + traced["teacher_gmacs"])
+    assert (traced["teacher_gmacs"] > 0) == (variant["masking"] == "hpm")
+    assert model.training  # mode restored
+
+
+def test_hpm_teacher_pass_is_a_full_clip_encoder_and_predictor():
+    name = "hpm_pretrain_vit_tiny_patch16"
+    random_mode = model_flops(name, masking="random", use_predictor=True, method="fvcore", **TINY)
+    hpm = model_flops(name, masking="hpm", method="fvcore", **TINY)
+    assert hpm["forward_gmacs"] == pytest.approx(random_mode["forward_gmacs"])  # same student
+
+    class StudentScoresFullClip(nn.Module):  # encoder + encoder_to_decoder + loss predictor, no mask
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, videos):
+            return self.model.score_tokens(videos, use_teacher=False)
+
+    model = create_model(name, masking="hpm", **TINY)
+    full_clip, _ = fvcore_macs(StudentScoresFullClip(model), (torch.randn(1, 3, 4, 64, 64),))
+    assert hpm["teacher_gmacs"] * 1e9 == pytest.approx(full_clip)
+    assert hpm["teacher_gmacs"] > hpm["parts_gmacs"]["encoder"] + hpm["parts_gmacs"]["loss_predictor"]
+
+
+@pytest.mark.parametrize("use_mean_pooling", [True, False])
+def test_classifier_counts(use_mean_pooling):
+    kwargs = dict(num_frames=4, img_size=64, depth=2, num_classes=7, use_mean_pooling=use_mean_pooling)
+    model = create_model("hpm_vit_tiny_patch16", **kwargs)
+    traced = count_flops(model, method="fvcore")
+    assert traced["kind"] == "finetune" and traced["tokens"] == 32
+    assert traced["forward_gmacs"] == pytest.approx(count_flops(model, method="analytic")["forward_gmacs"])
+    by_name = model_flops("hpm_vit_tiny_patch16", method="analytic", **kwargs)
+    assert by_name["params"] == traced["params"] == sum(p.numel() for p in model.parameters())
+    assert traced["train_gmacs"] == pytest.approx(3 * traced["forward_gmacs"])
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("tools_flops", os.path.join(ROOT, "tools", "flops.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_table_and_json_for_registered_models(capsys):
+    cli = _cli()
+    names = [n for n in PRETRAIN_MODELS + CLASSIFIER_MODELS if any(f"_{s}_" in n for s in SMALL_SIZES)]
+    assert cli.main(["--models", *names, "--method", "analytic", "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert len(reports) == 3 * 2 + 3  # pretraining in two masking modes, classifiers once
+    base = next(r for r in reports if r["model"] == "hpm_pretrain_vit_base_patch16" and r["masking"] == "random")
+    assert base["train_gflops"] == pytest.approx(212.6, rel=0.05)
+    for r in reports:
+        assert {"params", "forward_gflops", "teacher_gflops", "train_gflops", "convention"} <= set(r)
+    assert cli.main(["--models", "hpm_pretrain_vit_tiny_patch16", "hpm_vit_tiny_patch16", "--frames", "4",
+                     "--size", "64", "--masking", "hpm", "--method", "analytic"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "hpm_pretrain_vit_tiny_patch16" in table and "hpm_vit_tiny_patch16" in table
+    assert "multiply-adds" in table  # the convention is printed
