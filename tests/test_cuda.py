@@ -110,3 +110,21 @@ def test_encoder_decoder_with_a_given_mask_compile_in_one_graph():
     eager = parts(videos, ids_keep, ids_masked)
     compiled = torch.compile(parts, fullgraph=True)(videos, ids_keep, ids_masked)
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("masking", ["random", "hpm"])
+def test_training_step_has_no_host_sync(masking):
+    """Masks, targets, gathers, losses, backward and the EMA all stay on the device."""
+    model = model_on_cuda(masking=masking, use_predictor=True)
+    videos = clips()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    model(videos, alpha=0.3, generator=gen)["loss"].backward()  # warm-up outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(videos, alpha=0.3, generator=gen)
+        out["loss"].backward()
+        model.update_teacher(0.999)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["loss"]).item()
