@@ -37,19 +37,20 @@ def test_published_pretrain_recipe():
 
 
 def test_slurm_variables_become_rendezvous(monkeypatch):
+    # A private copy of the environment: what fill_rendezvous_env writes must not leak into later
+    # tests (a leaked WORLD_SIZE=16 would make an in-process run wait for 15 missing ranks).
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
+        os.environ.pop(key, None)
+    os.environ.update(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", MASTER_PORT="29500")
     distributed.fill_rendezvous_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "16", "1")
 
 
 def test_single_process_defaults(monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID"):
-        monkeypatch.delenv(key, raising=False)
+        os.environ.pop(key, None)
     distributed.fill_rendezvous_env()
     assert os.environ["WORLD_SIZE"] == "1" and int(os.environ["MASTER_PORT"]) > 0
 
