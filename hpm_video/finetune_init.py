@@ -161,37 +161,18 @@ def _read_folder(path: str) -> Checkpoint:
 
 
 def _read_deepspeed_tag(tag_dir: str, states_file: str) -> Checkpoint:
-    """The full weights of a DeepSpeed checkpoint folder.
-
-    A complete checkpoint of this project's runs (it has the ``COMPLETE`` marker) is consolidated from
-    any ZeRO stage by DeepSpeed's own reader, which unpickles; any other folder is read as data
-    (``weights_only=True``), which covers ZeRO 0-2, and ZeRO-3 is refused.
-    """
+    """The full weights of a DeepSpeed checkpoint folder of any ZeRO stage, every file read as data
+    (see ``hpm_video.engine.checkpointing.consolidated_state_dict``)."""
     from hpm_video.engine import checkpointing
 
-    if os.path.isfile(os.path.join(tag_dir, checkpointing.MARKER)):
-        ckpt = to_classifier_layout(checkpointing.consolidated_state_dict(tag_dir), source=tag_dir)
-        ckpt.kind = f"deepspeed ({ckpt.kind})"
-        return ckpt
     try:
-        obj = torch.load(states_file, map_location="cpu", weights_only=True)
+        state = checkpointing.consolidated_state_dict(tag_dir)
     except Exception as err:
         raise ValueError(
-            f"{states_file}: cannot read the DeepSpeed model states as plain data ({err}); consolidate the "
-            "checkpoint with tools/export_encoder.py and pass its output instead"
+            f"{states_file}: cannot read this DeepSpeed checkpoint as plain data ({err}); consolidate it "
+            "with tools/export_encoder.py and pass its output instead"
         ) from err
-    module = obj.get("module") if isinstance(obj, Mapping) else None
-    if not isinstance(module, Mapping) or not module:
-        raise ValueError(f"{states_file}: no 'module' weights in this DeepSpeed checkpoint")
-    state = unwrap_state_dict(module)
-    if any(v.numel() == 0 for v in state.values()) or any(
-        name.startswith("zero_pp_rank_") and "model_states" in name for name in os.listdir(tag_dir)
-    ):
-        raise ValueError(
-            f"{tag_dir}: a ZeRO-3 checkpoint (parameters partitioned across ranks); consolidate it with "
-            "tools/export_encoder.py (it works from ZeRO-3) and pass the exported file"
-        )
-    ckpt = to_classifier_layout(state, source=tag_dir)
+    ckpt = to_classifier_layout(unwrap_state_dict(state), source=tag_dir)
     ckpt.kind = f"deepspeed ({ckpt.kind})"
     return ckpt
 

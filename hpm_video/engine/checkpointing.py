@@ -8,6 +8,7 @@ checkpoints beyond ``keep_last`` are removed only after a newer one is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -98,13 +99,36 @@ def resolve_tag_dir(path: str) -> str:
     return latest
 
 
+@contextlib.contextmanager
+def _deepspeed_files_as_data():
+    """Make every ``torch.load`` inside the block ``weights_only=True`` (DeepSpeed's checkpoint reader
+    asks for full unpickling), allowing only the few plain DeepSpeed classes its files hold."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def load_as_data(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        torch.load = load_as_data
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
 def consolidated_state_dict(tag_dir: str) -> dict:
     """Full fp32 weights of a checkpoint saved under any ZeRO stage, on the CPU.
 
     The model-states file holds the whole module under ZeRO-0/1/2 (ZeRO-3 leaves placeholders);
     ZeRO-1/2/3 also keep the authoritative fp32 weights partitioned in the optimiser files, which
     DeepSpeed's ``zero_to_fp32`` reassembles and which take precedence. Frozen parameters (the EMA
-    teacher) come from whichever of the two holds them.
+    teacher) come from whichever of the two holds them. Every file is read as data.
     """
     import glob
 
@@ -114,13 +138,13 @@ def consolidated_state_dict(tag_dir: str) -> dict:
     files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))  # ZeRO-3: zero_pp_rank_N_...
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model-states file")
-    # Our own checkpoint (it also holds the optimiser's Python state), so a full unpickle is needed.
-    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state.update(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
+        with _deepspeed_files_as_data():
+            state.update(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise ValueError(f"{tag_dir}: could not reassemble {len(empty)} tensors, e.g. {empty[:3]}")
