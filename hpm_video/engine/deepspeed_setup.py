@@ -79,4 +79,6 @@ def initialize(model: nn.Module, cfg: CfgNode, device: torch.device, micro_batch
         config=deepspeed_config(cfg, device, micro_batch),
         dist_init_required=False,
     )
+    if cfg.ENGINE.COMPILE:
+        engine.compile()  # torch.compile of the wrapped module, through DeepSpeed so ZeRO hooks still apply
     return engine, ds_optimizer
