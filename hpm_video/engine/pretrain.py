@@ -155,14 +155,16 @@ def train(cfg: CfgNode) -> dict[str, str]:
             count += 1
             bar.update(1)
 
-            if count and (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
-                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window, device=device)).item())
-                skipped_total += skipped_now
+            if (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
-                # Means over every rank's steps in the window (a collective: all ranks log together).
-                totals = dist_utils.all_reduce_sum(torch.stack([sums[k] for k in TRACKED] + [sums["loss"] * 0 + count]))
-                denom = max(float(totals[-1]), 1.0)
-                stats = {k: float(totals[i]) / denom for i, k in enumerate(TRACKED) if k in out or k == "loss"}
+                # Sums over every rank's steps in the window, read back once (a collective: all ranks log
+                # at the same steps). Means are over the steps that were not skipped.
+                counters = torch.tensor([count, skipped_window], dtype=torch.float32, device=device)
+                *means, steps_done, skipped_now = dist_utils.all_reduce_sum(
+                    torch.cat([torch.stack([sums[k] for k in TRACKED]), counters])
+                ).tolist()
+                skipped_total += int(skipped_now)
+                stats = {k: v / max(steps_done, 1.0) for k, v in zip(TRACKED, means) if k in out or k == "loss"}
                 grad_norm = engine.get_global_grad_norm()
                 stats.update(
                     epoch=epoch, alpha=alpha, lr=lr, weight_decay=wd, ema_decay=decay,
@@ -192,7 +194,6 @@ def train(cfg: CfgNode) -> dict[str, str]:
     run_log.close()
     dist_utils.barrier()
     return paths
-
 
 
 def _visualize(module, videos: torch.Tensor, alpha: float, cfg: CfgNode, epoch: int, main: bool) -> str:
