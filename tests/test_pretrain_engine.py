@@ -217,3 +217,28 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_config, tmp_path):
     assert proc.returncode != 0
     assert "non-finite losses in a row" in proc.stderr
     assert "step skipped" in proc.stderr
+
+
+def test_image_pretraining_uses_the_same_path(tmp_path):
+    """ImageNet-style folders through the image config: one-frame clips, tubelet 1, token masking."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = torch.randint(0, 256, (48, 64, 3), generator=torch.Generator().manual_seed(i)).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / label / f"{i}.png")
+    out = str(tmp_path / "run")
+    pretrain(
+        f"{REPO}/configs/pretrain/image/hpm_vit_base.yaml", out,
+        "MODEL.NAME", "hpm_pretrain_vit_tiny_patch16", "MODEL.INPUT_SIZE", "32", "MODEL.DEPTH", "1",
+        "MODEL.DECODER_EMBED_DIM", "32", "MODEL.DECODER_NUM_HEADS", "2", "MODEL.DECODER_DEPTH", "1",
+        "DATA.ROOT", str(root), "DATA.NUM_WORKERS", "0", "SOLVER.BATCH_SIZE", "4", "SOLVER.EPOCHS", "2",
+        "SOLVER.WARMUP_EPOCHS", "1", "ENGINE.DEVICE", "cpu", "ENGINE.PRECISION", "fp32", "ENGINE.ZERO_STAGE", "0",
+        "ENGINE.TENSORBOARD", "False", "ENGINE.VIS_EVERY_EPOCHS", "1",
+    )  # fmt: skip
+    model = load_model_file(os.path.join(out, "model_final.pth"))
+    assert model.encoder.patch_embed.tubelet_size == 1 and model.mask_unit == "token"
+    assert [step for step, _, _ in losses(out)] == [2, 4]  # 8 images / batch 4, logged at each epoch's end
+    assert os.path.exists(os.path.join(out, "hard_tubes_epoch0002.png"))
