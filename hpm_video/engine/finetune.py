@@ -286,6 +286,11 @@ def check_settings(cfg: CfgNode) -> None:
         )
     if cfg.FINETUNE.MODEL_EMA and cfg.ENGINE.ZERO_STAGE == 3:
         raise ValueError("FINETUNE.MODEL_EMA needs whole weights on every rank; use ENGINE.ZERO_STAGE <= 2 with it")
+    if cfg.DATA.DATASET == "ssv2" and cfg.DATA.FLIP:
+        raise ValueError(
+            "config DATA.FLIP is on for Something-Something-v2, whose labels name directions (e.g. 'pushing "
+            "something from left to right'); set DATA.FLIP False"
+        )
     if cfg.FINETUNE.NUM_CLASSES < 1:
         raise ValueError(f"config FINETUNE.NUM_CLASSES = {cfg.FINETUNE.NUM_CLASSES} must be >= 1")
     if cfg.FINETUNE.EVAL_EVERY_EPOCHS < 1:
