@@ -65,3 +65,28 @@ def apply_schedules(optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
+
+
+class StepSchedules:
+    """The per-update learning rate (warm-up + cosine) and weight decay (constant, or cosine to
+    ``SOLVER.WEIGHT_DECAY_END``) of a run, from its config."""
+
+    def __init__(self, solver, base_lr: float, total_updates: int, warmup_updates: int) -> None:
+        self.solver = solver
+        self.base_lr = base_lr
+        self.total = total_updates
+        self.warmup = warmup_updates
+
+    def values(self, update: int) -> tuple[float, float]:
+        s = self.solver
+        lr = cosine_value(update, self.base_lr, s.MIN_LR, self.total, self.warmup, s.WARMUP_LR)
+        wd = s.WEIGHT_DECAY
+        if s.WEIGHT_DECAY_END >= 0:
+            wd = cosine_value(update, wd, s.WEIGHT_DECAY_END, self.total)
+        return lr, wd
+
+    def apply(self, optimizer, update: int) -> tuple[float, float]:
+        """Set this update's values on ``optimizer``; returns ``(lr, weight_decay)`` for the log."""
+        lr, wd = self.values(update)
+        apply_schedules(optimizer, lr, wd)
+        return lr, wd

@@ -22,7 +22,7 @@ from hpm_video.engine import checkpointing
 from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.deepspeed_setup import initialize
 from hpm_video.engine.logger import RunLogger
-from hpm_video.engine.optim import apply_schedules, cosine_value
+from hpm_video.engine.optim import StepSchedules
 from hpm_video.engine.steps import NonFiniteGuard, backward_and_step, clips_per_step, jsonable
 from hpm_video.masking import easy_to_hard_alpha
 from hpm_video.models import create_model, ema_decay
@@ -117,6 +117,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     if latest:
         paths["checkpoint"] = latest
     guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS)
+    schedules = StepSchedules(cfg.SOLVER, base_lr, total_updates, warmup_updates)
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
         loader.sampler.set_epoch(epoch)
         seed_all(epoch_seed(cfg.SEED, epoch) + rank)
@@ -132,12 +133,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
                 break
-            update = engine.global_steps
-            lr = cosine_value(update, base_lr, cfg.SOLVER.MIN_LR, total_updates, warmup_updates, cfg.SOLVER.WARMUP_LR)
-            wd = cfg.SOLVER.WEIGHT_DECAY
-            if cfg.SOLVER.WEIGHT_DECAY_END >= 0:
-                wd = cosine_value(update, wd, cfg.SOLVER.WEIGHT_DECAY_END, total_updates)
-            apply_schedules(optimizer, lr, wd)
+            lr, wd = schedules.apply(optimizer, engine.global_steps)
             videos = batch["video"].to(device, non_blocking=True)
             skipped_window += int(batch["skipped"])
             if vis_batch is None:
