@@ -42,8 +42,15 @@ from hpm_video.engine import checkpointing, evaluation
 from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import StepSchedules
-from hpm_video.engine.pretrain import epoch_seed, seed_all
-from hpm_video.engine.steps import NonFiniteGuard, backward_and_step, clips_per_step, jsonable
+from hpm_video.engine.steps import (
+    NonFiniteGuard,
+    backward_and_step,
+    clips_per_step,
+    epoch_seed,
+    jsonable,
+    seed_all,
+    start_run,
+)
 from hpm_video.finetune_init import fold_probe_head
 
 logger = logging.getLogger("hpm_video.finetune")
@@ -303,15 +310,8 @@ def train(cfg: CfgNode) -> dict[str, str]:
     from hpm_video.finetune_init import load_pretrained, read_checkpoint, write_report
 
     check_settings(cfg)
-    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
-    dist_utils.init_distributed(device)
-    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device, rank, world = start_run(cfg)
     main = rank == 0
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    if main:
-        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
 
     latest = checkpointing.latest_checkpoint(cfg.OUTPUT_DIR) if cfg.ENGINE.AUTO_RESUME else None
     resume_state = checkpointing.read_client_state(latest) if latest else None

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 
-import numpy as np
 import torch
 
 from hpm_video.config import CfgNode, model_kwargs
@@ -23,7 +21,15 @@ from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.deepspeed_setup import initialize
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import StepSchedules
-from hpm_video.engine.steps import NonFiniteGuard, backward_and_step, clips_per_step, jsonable
+from hpm_video.engine.steps import (
+    NonFiniteGuard,
+    backward_and_step,
+    clips_per_step,
+    epoch_seed,
+    jsonable,
+    seed_all,
+    start_run,
+)
 from hpm_video.masking import easy_to_hard_alpha
 from hpm_video.models import create_model, ema_decay
 
@@ -33,14 +39,6 @@ logger = logging.getLogger("hpm_video.pretrain")
 TRACKED = ("loss", "loss_rec", "loss_pred", "rank_corr")
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def build_pretrain_dataset(cfg: CfgNode):
@@ -65,15 +63,8 @@ def train(cfg: CfgNode) -> dict[str, str]:
     """Run (or resume) pretraining; returns the paths of what it wrote."""
     from hpm_video.data import build_loader
 
-    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
-    dist_utils.init_distributed(device)
-    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device, rank, world = start_run(cfg)
     main = rank == 0
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    if main:
-        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
 
     seed_all(cfg.SEED)  # same initial weights on every rank
     kwargs = model_kwargs(cfg)

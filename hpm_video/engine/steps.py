@@ -1,14 +1,43 @@
-"""The part of a training step both loops share: agree on a finite loss, then backward and step."""
+"""What the pretraining and fine-tuning loops share: run start-up, seeding, the finite-loss guard,
+backward + step."""
 
 from __future__ import annotations
 
 import logging
+import os
+import random
 
+import numpy as np
 import torch
 
 from hpm_video.engine import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
+
+
+def start_run(cfg) -> tuple[torch.device, int, int]:
+    """Device, process group, logging, output folder and its ``config.yaml``; returns (device, rank, world)."""
+    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
+    dist_utils.init_distributed(device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    return device, rank, world
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of every random stream of ``epoch``: a function of the run's seed and the epoch only."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 class NonFiniteGuard:
