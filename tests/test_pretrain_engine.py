@@ -242,3 +242,14 @@ def test_image_pretraining_uses_the_same_path(tmp_path):
     assert model.encoder.patch_embed.tubelet_size == 1 and model.mask_unit == "token"
     assert [step for step, _, _ in losses(out)] == [2, 4]  # 8 images / batch 4, logged at each epoch's end
     assert os.path.exists(os.path.join(out, "hard_tubes_epoch0002.png"))
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_teacher(tiny_config, tmp_path):
+    """bf16 runs under autocast with fp32 weights, so EMA steps of 1e-4 are not lost to rounding."""
+    out = str(tmp_path / "bf16")
+    pretrain(tiny_config, out, "ENGINE.PRECISION", "bf16", "ENGINE.ZERO_STAGE", "2", "SOLVER.EPOCHS", "1",
+             "SOLVER.STEPS_PER_EPOCH", "2")  # fmt: skip
+    state = weights(out)
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    rows = losses(out)
+    assert rows and all(torch.isfinite(torch.tensor(r[1:])).all() for r in rows)
