@@ -36,23 +36,13 @@ def collate_clips(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if set(item) != keys:
             raise ValueError(f"item {i} has keys {sorted(item)}, item 0 has {sorted(keys)}")
 
-    videos = [item["video"] for item in batch]
-    if videos[0].dim() == 5:
-        repeats = [v.shape[0] for v in videos]
-        try:
-            video = torch.cat(videos, dim=0)
-        except RuntimeError as e:
-            raise ValueError(
-                f"clips of different shapes in one batch: {[tuple(v.shape) for v in videos]}"
-            ) from e
-    else:
-        repeats = [1] * len(videos)
-        try:
-            video = torch.stack(videos, dim=0)
-        except RuntimeError as e:
-            raise ValueError(
-                f"clips of different shapes in one batch: {[tuple(v.shape) for v in videos]}"
-            ) from e
+    # A (C, T, H, W) item is one clip: give it the num_sample axis so every item concatenates alike.
+    videos = [item["video"] if item["video"].dim() == 5 else item["video"].unsqueeze(0) for item in batch]
+    repeats = [v.shape[0] for v in videos]
+    try:
+        video = torch.cat(videos, dim=0)
+    except RuntimeError as e:
+        raise ValueError(f"clips of different shapes in one batch: {[tuple(v.shape) for v in videos]}") from e
 
     out: dict[str, torch.Tensor] = {"video": video}
     counts = torch.tensor(repeats, dtype=torch.long)

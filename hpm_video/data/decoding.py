@@ -526,25 +526,16 @@ def read_clips(
 ) -> list[np.ndarray]:
     """Open ``path``, ask ``plan(num_frames, fps)`` for frame indices, and decode them under a time limit.
 
-    ``plan`` returns one index array per clip; the union of all clips is decoded once (so several
-    clips from one video cost one decode) and split back. Returns one uint8 ``(T, H, W, 3)`` array per
-    clip. Every failure, including the time limit, is a :class:`VideoDecodeError`.
+    ``plan`` returns one index array per clip; all clips are read in one ``get_frames`` call, which
+    decodes each distinct frame once (so several clips from one video cost one decode), and split back.
+    Returns one uint8 ``(T, H, W, 3)`` array per clip. Every failure, including the time limit, is a
+    :class:`VideoDecodeError`.
     """
 
     def work() -> list[np.ndarray]:
-        reader = open_video(path, backend=backend, num_threads=num_threads)
-        try:
+        with open_video(path, backend=backend, num_threads=num_threads) as reader:
             clips = [np.asarray(c, dtype=np.int64).reshape(-1) for c in plan(reader.num_frames, reader.fps)]
-            allidx = np.concatenate(clips)
-            unique, inverse = np.unique(allidx, return_inverse=True)
-            frames = reader.get_frames(unique)
-        finally:
-            reader.close()
-        picked = frames[inverse]
-        out, start = [], 0
-        for c in clips:
-            out.append(picked[start : start + c.size])
-            start += c.size
-        return out
+            frames = reader.get_frames(np.concatenate(clips))
+        return np.split(frames, np.cumsum([c.size for c in clips])[:-1])
 
     return call_with_timeout(work, timeout_s, path)

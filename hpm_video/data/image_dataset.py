@@ -3,9 +3,7 @@ and masking code unchanged (the degenerate case: one time slot, tubelet size 1).
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,16 +14,11 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .annotations import read_list, resolve_under_root
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, seeded_globals
-from .video_dataset import split_key
+from .video_dataset import log_once, split_key
 
 __all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "scan_class_folders"]
 
-logger = logging.getLogger(__name__)
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-_reported_lock = threading.Lock()
-_reported: set[str] = set()
 
 
 def scan_class_folders(
@@ -133,11 +126,7 @@ class ImageDataset(Dataset):
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 skipped += 1
                 self.num_skipped += 1
-                with _reported_lock:
-                    first = path not in _reported
-                    _reported.add(path)
-                if first:
-                    logger.warning("skipping unreadable image %s (replaced by another sample): %s", path, e)
+                log_once("bad", path, "skipping unreadable image %s (replaced by another sample): %s", path, e)
                 if skipped > self.max_retries:
                     raise RuntimeError(
                         f"{skipped} consecutive unreadable images while loading item {index} "

@@ -53,7 +53,7 @@ _reported_lock = threading.Lock()
 _reported: set[tuple[str, str]] = set()
 
 
-def _log_once(kind: str, path: str, message: str, *args: object) -> None:
+def log_once(kind: str, path: str, message: str, *args: object) -> None:
     """Log a problem with ``path`` once per process (workers each log their own first sighting)."""
     with _reported_lock:
         if (kind, path) in _reported:
@@ -155,7 +155,7 @@ class _VideoListDataset(Dataset):
                 skipped += 1
                 self.num_skipped += 1
                 errors.append(str(e))
-                _log_once(
+                log_once(
                     "bad", e.path, "skipping unreadable video (it is replaced by another sample): %s", e
                 )
                 if skipped > self.max_retries:
@@ -174,7 +174,7 @@ class _VideoListDataset(Dataset):
             short = short_check(n)
             if short:
                 self.num_short += 1
-                _log_once(
+                log_once(
                     "short",
                     path,
                     "video %s has only %d frames, fewer than the sampling needs; padding with its last frame",
