@@ -62,8 +62,14 @@ def read_client_state(tag_dir: str) -> dict:
         return json.load(f)
 
 
-def save(engine, output_dir: str, epoch: int, client_state: dict, keep_last: int = 2) -> str:
-    """Save a DeepSpeed checkpoint for the end of ``epoch``; every rank must call this."""
+def save(
+    engine, output_dir: str, epoch: int, client_state: dict, keep_last: int = 2, extra_files: dict | None = None
+) -> str:
+    """Save a DeepSpeed checkpoint for the end of ``epoch``; every rank must call this.
+
+    ``extra_files`` (``{file name: tensor dict}``, e.g. a model EMA) are written by rank 0 into the same
+    folder before the ``COMPLETE`` marker, so a complete checkpoint always has them.
+    """
     root = checkpoint_root(output_dir)
     tag = tag_for_epoch(epoch)
     tag_dir = os.path.join(root, tag)
@@ -75,6 +81,10 @@ def save(engine, output_dir: str, epoch: int, client_state: dict, keep_last: int
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     dist_utils.barrier()
     if dist_utils.is_main():
+        from hpm_video.checkpoint import save_atomic
+
+        for name, state in (extra_files or {}).items():
+            save_atomic(state, os.path.join(tag_dir, name))
         write_json_atomic(os.path.join(tag_dir, MARKER), client_state)
         for _, old in complete_checkpoints(output_dir)[: -(keep_last + 1)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -62,8 +62,15 @@ def make_optimizer(
     )
 
 
-def initialize(model: nn.Module, cfg: CfgNode, device: torch.device, micro_batch: int | None = None):
-    """``deepspeed.initialize`` with a client AdamW; returns ``(engine, optimizer)``.
+def initialize(
+    model: nn.Module,
+    cfg: CfgNode,
+    device: torch.device,
+    micro_batch: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+):
+    """``deepspeed.initialize`` with a client optimiser (default: AdamW from ``make_optimizer``);
+    returns ``(engine, optimizer)``.
 
     ``micro_batch``: clips per process per step (``SOLVER.BATCH_SIZE`` times repeated augmentation).
     """
@@ -72,7 +79,8 @@ def initialize(model: nn.Module, cfg: CfgNode, device: torch.device, micro_batch
     model.to(device)
     if cfg.ENGINE.PRECISION == "fp16" and getattr(model, "teacher", None) is not None:
         logger.warning("fp16 stores the EMA teacher in fp16, which loses small EMA steps; prefer bf16 for hpm")
-    optimizer = make_optimizer(model, cfg, device)
+    if optimizer is None:
+        optimizer = make_optimizer(model, cfg, device)
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -47,9 +47,12 @@ from hpm_video.engine.steps import (
     backward_and_step,
     clips_per_step,
     epoch_seed,
+    epoch_steps,
+    full_state_dict,
     jsonable,
     seed_all,
     start_run,
+    window_means,
 )
 from hpm_video.finetune_init import fold_probe_head
 
@@ -194,7 +197,6 @@ def build_dataset(cfg: CfgNode, mode: str):
     )  # fmt: skip
 
 
-
 def eval_batch_size(cfg: CfgNode) -> int:
     return cfg.FINETUNE.EVAL_BATCH_SIZE or cfg.SOLVER.BATCH_SIZE
 
@@ -222,13 +224,8 @@ def _check_labels(cfg: CfgNode, dataset, where: str) -> None:
 def build_model(cfg: CfgNode, init_state=None, kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """The classifier for the config (``kwargs`` given: rebuild exactly those, e.g. on resume)."""
     from hpm_video.finetune_init import pos_embed_kind_for
-    from hpm_video.models import CLASSIFIER_MODELS, create_model
+    from hpm_video.models import create_model
 
-    if cfg.MODEL.NAME not in CLASSIFIER_MODELS:
-        raise ValueError(
-            f"config MODEL.NAME = {cfg.MODEL.NAME!r} is a pretraining model; fine-tuning needs a classifier: "
-            f"{', '.join(CLASSIFIER_MODELS)}"
-        )
     if kwargs is None:
         kwargs = model_kwargs(cfg)
         kwargs["pos_embed"] = pos_embed_kind_for(init_state, cfg.FINETUNE.POS_EMBED)
@@ -237,35 +234,21 @@ def build_model(cfg: CfgNode, init_state=None, kwargs: dict | None = None) -> tu
     return create_model(cfg.MODEL.NAME, **kwargs), kwargs
 
 
-
 def _initialize_engine(model: nn.Module, cfg: CfgNode, device: torch.device):
     """DeepSpeed engine: the shared set-up (AdamW with layer decay), or LARS for a linear probe."""
-    from hpm_video.engine.deepspeed_setup import deepspeed_config, initialize
+    from hpm_video.engine.deepspeed_setup import initialize
 
-    if not (cfg.FINETUNE.LINEAR_PROBE and cfg.FINETUNE.PROBE_OPTIMIZER == "lars"):
-        return initialize(model, cfg, device, clips_per_step(cfg))
-    import deepspeed
-
-    model.to(device)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=make_probe_optimizer(model, cfg),
-        config=deepspeed_config(cfg, device, clips_per_step(cfg)), dist_init_required=False,
-    )  # fmt: skip
-    return engine, optimizer
+    probe_lars = cfg.FINETUNE.LINEAR_PROBE and cfg.FINETUNE.PROBE_OPTIMIZER == "lars"
+    return initialize(model, cfg, device, clips_per_step(cfg), make_probe_optimizer(model, cfg) if probe_lars else None)
 
 
 def export_state(engine, cfg: CfgNode) -> dict[str, torch.Tensor] | None:
-    """Full weights as a plain classifier state dict (probe head folded); collective under ZeRO-3.
+    """Full weights as a plain fp32 classifier state dict (probe head folded); collective under ZeRO-3.
 
     Returns the dict on rank 0 (and on every rank below ZeRO-3), None elsewhere.
     """
-    if cfg.ENGINE.ZERO_STAGE == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        if state is None:
-            return None
-    else:
-        state = engine.module.state_dict()
-    return fold_probe_head({k: v.detach().float().cpu() for k, v in state.items()})
+    state = full_state_dict(engine, cfg.ENGINE.ZERO_STAGE)
+    return None if state is None else fold_probe_head({k: v.float() for k, v in state.items()})
 
 
 def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -344,13 +327,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     val_loader = _eval_loader(cfg, val_set, device) if val_set is not None else None
 
     accum = cfg.SOLVER.ACCUM_STEPS
-    steps_per_epoch = len(loader) if cfg.SOLVER.STEPS_PER_EPOCH <= 0 else min(len(loader), cfg.SOLVER.STEPS_PER_EPOCH)
-    steps_per_epoch -= steps_per_epoch % accum
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{len(train_set)} training samples give no full step of batch {cfg.SOLVER.BATCH_SIZE} x {world} "
-            f"process(es) x {accum} accumulation; lower SOLVER.BATCH_SIZE or add data"
-        )
+    steps_per_epoch, updates_per_epoch = epoch_steps(len(loader), len(train_set), cfg, world)
     mixup = build_mixup(cfg)
     if mixup is not None and clips_per_step(cfg) % 2:
         raise ValueError(
@@ -358,7 +335,6 @@ def train(cfg: CfgNode) -> dict[str, str]:
             "(SOLVER.BATCH_SIZE x DATA.NUM_SAMPLE); change one, or set FINETUNE.MIXUP 0 and FINETUNE.CUTMIX 0"
         )
     criterion = build_criterion(cfg, mixup is not None)
-    updates_per_epoch = steps_per_epoch // accum
     total_updates = updates_per_epoch * cfg.SOLVER.EPOCHS
     warmup_updates = updates_per_epoch * cfg.SOLVER.WARMUP_EPOCHS
     global_videos = cfg.SOLVER.BATCH_SIZE * accum * world
@@ -436,11 +412,10 @@ def train(cfg: CfgNode) -> dict[str, str]:
             count += 1
             bar.update(1)
 
-            if count and (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
-                skipped_now = int(dist_utils.all_reduce_sum(torch.tensor(skipped_window, device=device)).item())
-                skipped_total += skipped_now
+            if (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
-                stats = {k: (v / max(count, 1)).item() for k, v in sums.items()}
+                stats, skipped_now = window_means(sums, count, skipped_window, device)
+                skipped_total += skipped_now
                 grad_norm = engine.get_global_grad_norm()
                 stats.update(
                     epoch=epoch, lr=lr, weight_decay=wd,
@@ -485,17 +460,11 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 "epoch": epoch, "global_step": int(engine.global_steps), "skipped_samples": skipped_total,
                 "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": jsonable(kwargs), "best": best,
             }  # fmt: skip
-            tag_dir = os.path.join(checkpointing.checkpoint_root(cfg.OUTPUT_DIR), checkpointing.tag_for_epoch(epoch))
-            if ema is not None and main:
-                # The EMA file goes in before the marker, so a complete checkpoint always has the matching EMA.
-                marker = os.path.join(tag_dir, checkpointing.MARKER)
-                if os.path.exists(marker):
-                    os.unlink(marker)
-                from hpm_video.checkpoint import save_atomic
-
-                save_atomic({k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
-                            os.path.join(tag_dir, EMA_FILE))  # fmt: skip
-            paths["checkpoint"] = checkpointing.save(engine, cfg.OUTPUT_DIR, epoch, client_state, cfg.ENGINE.KEEP_LAST)
+            extra = None
+            if ema is not None:
+                extra = {EMA_FILE: {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}}
+            paths["checkpoint"] = checkpointing.save(engine, cfg.OUTPUT_DIR, epoch, client_state, cfg.ENGINE.KEEP_LAST,
+                                                     extra_files=extra)  # fmt: skip
 
     final_state = export_state(engine, cfg)
     if main:

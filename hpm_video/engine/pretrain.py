@@ -26,9 +26,12 @@ from hpm_video.engine.steps import (
     backward_and_step,
     clips_per_step,
     epoch_seed,
+    epoch_steps,
+    full_state_dict,
     jsonable,
     seed_all,
     start_run,
+    window_means,
 )
 from hpm_video.masking import easy_to_hard_alpha
 from hpm_video.models import create_model, ema_decay
@@ -75,14 +78,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
         distributed=True, num_replicas=world, rank=rank, pin_memory=device.type == "cuda",
     )  # fmt: skip
     accum = cfg.SOLVER.ACCUM_STEPS
-    steps_per_epoch = len(loader) if cfg.SOLVER.STEPS_PER_EPOCH <= 0 else min(len(loader), cfg.SOLVER.STEPS_PER_EPOCH)
-    steps_per_epoch -= steps_per_epoch % accum
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{len(dataset)} training samples give no full step of batch {cfg.SOLVER.BATCH_SIZE} x {world} "
-            f"process(es) x {accum} accumulation; lower SOLVER.BATCH_SIZE or add data"
-        )
-    updates_per_epoch = steps_per_epoch // accum
+    steps_per_epoch, updates_per_epoch = epoch_steps(len(loader), len(dataset), cfg, world)
     total_updates = updates_per_epoch * cfg.SOLVER.EPOCHS
     warmup_updates = updates_per_epoch * cfg.SOLVER.WARMUP_EPOCHS
     global_clips = clips_per_step(cfg) * accum * world
@@ -144,14 +140,9 @@ def train(cfg: CfgNode) -> dict[str, str]:
 
             if (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
-                # Sums over every rank's steps in the window, read back once (a collective: all ranks log
-                # at the same steps). Means are over the steps that were not skipped.
-                counters = torch.tensor([count, skipped_window], dtype=torch.float32, device=device)
-                *means, steps_done, skipped_now = dist_utils.all_reduce_sum(
-                    torch.cat([torch.stack([sums[k] for k in TRACKED]), counters])
-                ).tolist()
-                skipped_total += int(skipped_now)
-                stats = {k: v / max(steps_done, 1.0) for k, v in zip(TRACKED, means) if k in out or k == "loss"}
+                means, skipped_now = window_means(sums, count, skipped_window, device)
+                skipped_total += skipped_now
+                stats = {k: v for k, v in means.items() if k in out or k == "loss"}
                 grad_norm = engine.get_global_grad_norm()
                 stats.update(
                     epoch=epoch, alpha=alpha, lr=lr, weight_decay=wd, ema_decay=decay,
@@ -202,10 +193,7 @@ def _save_final_model(engine, cfg: CfgNode, kwargs: dict, main: bool) -> str:
     """A consolidated, self-describing weights file of the whole pretraining model (any ZeRO stage)."""
     from hpm_video.checkpoint import save_model_file
 
-    if cfg.ENGINE.ZERO_STAGE == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0
-    else:
-        state = engine.module.state_dict()
+    state = full_state_dict(engine, cfg.ENGINE.ZERO_STAGE)  # collective under ZeRO-3
     path = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if main:
         save_model_file(path, state, cfg.MODEL.NAME, **kwargs)

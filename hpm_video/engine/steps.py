@@ -80,3 +80,41 @@ def clips_per_step(cfg) -> int:
 def jsonable(kwargs: dict) -> dict:
     """Model kwargs as JSON values (tuples become lists), for checkpoints' client state."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def epoch_steps(num_batches: int, num_samples: int, cfg, world: int) -> tuple[int, int]:
+    """``(micro-steps, optimiser updates)`` per epoch: the loader's batches, capped by
+    ``SOLVER.STEPS_PER_EPOCH``, cut to a whole number of accumulation rounds."""
+    accum = cfg.SOLVER.ACCUM_STEPS
+    steps = num_batches if cfg.SOLVER.STEPS_PER_EPOCH <= 0 else min(num_batches, cfg.SOLVER.STEPS_PER_EPOCH)
+    steps -= steps % accum
+    if steps < 1:
+        raise ValueError(
+            f"{num_samples} training samples give no full step of batch {cfg.SOLVER.BATCH_SIZE} x {world} "
+            f"process(es) x {accum} accumulation; lower SOLVER.BATCH_SIZE or add data"
+        )
+    return steps, steps // accum
+
+
+def window_means(sums: dict[str, torch.Tensor], count: int, skipped: int, device) -> tuple[dict[str, float], int]:
+    """Means over every rank's steps in a log window, and the files skipped in it on all ranks.
+
+    One collective and one read-back for everything (all ranks must log at the same steps).
+    """
+    names = list(sums)
+    counters = torch.tensor([count, skipped], dtype=torch.float32, device=device)
+    *totals, steps, skipped_all = dist_utils.all_reduce_sum(
+        torch.cat([torch.stack([sums[k].float() for k in names]), counters])
+    ).tolist()
+    return {k: v / max(steps, 1.0) for k, v in zip(names, totals)}, int(skipped_all)
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """The whole module's weights on the CPU: on rank 0 (collective) under ZeRO-3, on every rank below."""
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        if state is None:
+            return None
+    else:
+        state = engine.module.state_dict()
+    return {k: v.detach().cpu() for k, v in state.items()}
