@@ -32,6 +32,7 @@ def save_atomic(obj: Any, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; weights are for the team to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

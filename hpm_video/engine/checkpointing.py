@@ -29,14 +29,16 @@ def tag_for_epoch(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    folder = os.path.dirname(path)
+def write_json_atomic(path: str, payload: dict) -> str:
+    folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; results are for the team to read
     os.replace(tmp, path)
+    return path
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:

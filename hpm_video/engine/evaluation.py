@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -74,18 +73,15 @@ class MergedScores:
 def owned_mask(keys_per_rank: Sequence[np.ndarray], rank: int) -> np.ndarray:
     """Which of ``rank``'s records it owns: the first occurrence of each ``(video_id, view)`` key,
     scanning ranks in order and each rank's records in order."""
-    seen: set[tuple[int, int]] = set()
-    for r, keys in enumerate(keys_per_rank):
-        keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-        if r == rank:
-            mask = np.zeros(len(keys), dtype=bool)
-            for i, (v, w) in enumerate(keys.tolist()):
-                if (v, w) not in seen:
-                    seen.add((v, w))
-                    mask[i] = True
-            return mask
-        seen.update((v, w) for v, w in keys.tolist())
-    raise ValueError(f"rank {rank} out of range for {len(keys_per_rank)} ranks")
+    if not 0 <= rank < len(keys_per_rank):
+        raise ValueError(f"rank {rank} out of range for {len(keys_per_rank)} ranks")
+    keys = [np.asarray(k, dtype=np.int64).reshape(-1, 2) for k in keys_per_rank]
+    bounds = np.cumsum([0] + [len(k) for k in keys])
+    everything = np.concatenate(keys)
+    first = np.zeros(len(everything), dtype=bool)
+    if len(everything):
+        first[np.unique(everything, axis=0, return_index=True)[1]] = True  # index of each key's first sighting
+    return first[bounds[rank] : bounds[rank + 1]]
 
 
 def accumulate(records: ViewRecords, owned: np.ndarray, num_videos: int) -> tuple[np.ndarray, ...]:
@@ -209,11 +205,11 @@ def run_views(
     model.eval()
     ids, views, labels, probs = [], [], [], []
     skipped = 0
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
     for step, batch in enumerate(loader):
         if max_steps and step >= max_steps:
             break
         videos = batch["video"].to(device, non_blocking=True)
-        dtype = next((p.dtype for p in model.parameters()), torch.float32)
         with autocast_for(device, precision):
             logits = model(videos.to(dtype) if dtype == torch.float16 else videos)
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
@@ -307,13 +303,5 @@ def write_predictions(
                 line.insert(3, class_names[label] if label < len(class_names) else "")
                 line.append(class_names[preds[0]] if preds[0] < len(class_names) else "")
             writer.writerow(line)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(path: str, payload: dict) -> str:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
     os.replace(tmp, path)
     return path

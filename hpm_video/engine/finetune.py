@@ -260,7 +260,7 @@ def _save_model(path: str, state: dict, cfg: CfgNode, kwargs: dict, meta: dict |
 
     save_model_file(path, state, cfg.MODEL.NAME, **jsonable(kwargs))
     if meta is not None:
-        evaluation.write_json(os.path.splitext(path)[0] + ".json", meta)
+        checkpointing.write_json_atomic(os.path.splitext(path)[0] + ".json", meta)
     return path
 
 
@@ -524,7 +524,7 @@ def _run_test(cfg: CfgNode, model: nn.Module, device: torch.device, weights: str
             num_crops=cfg.DATA.TEST_NUM_CROP if cfg.DATA.DATASET != "image" else 1,
             topk_note=f"top5 is top-{min(5, cfg.FINETUNE.NUM_CLASSES)} with {cfg.FINETUNE.NUM_CLASSES} classes",
         )  # fmt: skip
-        out["eval"] = evaluation.write_json(os.path.join(cfg.OUTPUT_DIR, "eval.json"), metrics)
+        out["eval"] = checkpointing.write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "eval.json"), metrics)
         out["predictions"] = evaluation.write_predictions(
             os.path.join(cfg.OUTPUT_DIR, "predictions.csv"), merged, [p for p, _ in dataset.samples],
             root=cfg.DATA.ROOT, class_names=class_names,
