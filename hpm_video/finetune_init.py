@@ -6,9 +6,8 @@ Accepted sources (the layout is detected from the keys, never from the file name
   loss predictor and teacher), a fine-tuned model file (``model_best.pth``; a linear probe's
   BatchNorm head is folded into a plain linear head), an encoder written by ``tools/export_encoder.py``
   (fine-tune layout: ``patch_embed.*``, ``blocks.*``, ``norm.*``), a complete DeepSpeed checkpoint
-  folder of a run (``.../checkpoints/epoch-NNNN``, any ZeRO stage; foreign DeepSpeed folders are read
-  as data, ZeRO 0-2 only), or a run's ``OUTPUT_DIR`` (its ``model_final.pth``, else its newest
-  checkpoint);
+  folder (``.../checkpoints/epoch-NNNN``, any ZeRO stage, every file read as data), or a run's
+  ``OUTPUT_DIR`` (its ``model_final.pth``, else its newest checkpoint);
 * official VideoMAE / VideoMAE-v2 ``.pth`` files, pretraining or fine-tuned: tensors under ``model``
   or ``module``, prefixes ``encoder.``, ``backbone.``, ``module.`` and ``_orig_mod.`` removed, no stored
   position table;
@@ -33,6 +32,7 @@ prefixes it holds.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -62,7 +62,6 @@ DROPPED_PREFIXES = (
 ENCODER_PREFIXES = ("encoder.", "backbone.")
 # Tokens the classifier does not have (mean pooling, no class/distillation token).
 EXTRA_TOKENS = ("cls_token", "dist_token")
-DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 @dataclass
@@ -142,9 +141,8 @@ def _read_folder(path: str) -> Checkpoint:
         ckpt = to_classifier_layout(model.state_dict(), source=path)
         ckpt.kind = f"hf-folder ({name})"
         return ckpt
-    states = os.path.join(path, DEEPSPEED_MODEL_STATES)
-    if os.path.isfile(states):
-        return _read_deepspeed_tag(path, states)
+    if glob.glob(os.path.join(path, "*model_states.pt")):  # ZeRO-3 names them zero_pp_rank_N_...
+        return _read_deepspeed_tag(path)
     final = os.path.join(path, "model_final.pth")
     if os.path.isfile(final):
         return read_checkpoint(final)
@@ -154,13 +152,13 @@ def _read_folder(path: str) -> Checkpoint:
     if latest:
         return _read_folder(latest)
     raise ValueError(
-        f"{path}: a folder that is neither a DeepSpeed checkpoint ({DEEPSPEED_MODEL_STATES}), a run folder "
+        f"{path}: a folder that is neither a DeepSpeed checkpoint (*model_states.pt), a run folder "
         f"(model_final.pth or checkpoints/epoch-NNNN) nor a Hugging Face folder (config.json); "
         f"it holds {sorted(os.listdir(path))[:12]}"
     )
 
 
-def _read_deepspeed_tag(tag_dir: str, states_file: str) -> Checkpoint:
+def _read_deepspeed_tag(tag_dir: str) -> Checkpoint:
     """The full weights of a DeepSpeed checkpoint folder of any ZeRO stage, every file read as data
     (see ``hpm_video.engine.checkpointing.consolidated_state_dict``)."""
     from hpm_video.engine import checkpointing
@@ -169,7 +167,7 @@ def _read_deepspeed_tag(tag_dir: str, states_file: str) -> Checkpoint:
         state = checkpointing.consolidated_state_dict(tag_dir)
     except Exception as err:
         raise ValueError(
-            f"{states_file}: cannot read this DeepSpeed checkpoint as plain data ({err}); consolidate it "
+            f"{tag_dir}: cannot read this DeepSpeed checkpoint as plain data ({err}); consolidate it "
             "with tools/export_encoder.py and pass its output instead"
         ) from err
     ckpt = to_classifier_layout(unwrap_state_dict(state), source=tag_dir)
