@@ -84,6 +84,11 @@ def key_prefixes(keys: list[str] | Mapping[str, Any], depth: int = 1, limit: int
     return seen[:limit]
 
 
+def jsonable(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Model kwargs as JSON values (tuples become lists), for metadata and checkpoint client state."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
 def save_model_file(path: str, model: nn.Module | Mapping[str, torch.Tensor], model_name: str, **model_kwargs) -> None:
     """Write a self-describing model file that ``load_model_file`` rebuilds without a config."""
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)

@@ -39,7 +39,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from hpm_video.checkpoint import key_prefixes, load_file, save_atomic, unwrap_state_dict
+from hpm_video.checkpoint import jsonable, key_prefixes, load_file, save_atomic, unwrap_state_dict
 from hpm_video.models.registry import SIZES
 
 PRETRAIN = "pretrain"
@@ -550,7 +550,7 @@ def save_hf_folder(
         save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, extras_path)
     elif os.path.exists(extras_path):
         os.unlink(extras_path)  # a stale file from an earlier conversion would be loaded back
-    description = {"model_name": model_name, "model_kwargs": _jsonable(dict(model_kwargs or {})), "kind": kind}
+    description = {"model_name": model_name, "model_kwargs": jsonable(dict(model_kwargs or {})), "kind": kind}
     with open(os.path.join(folder, HPM_JSON), "w") as f:
         json.dump(description, f, indent=2)
     return sorted(os.listdir(folder))
@@ -587,10 +587,6 @@ def load_hf_folder(folder: str) -> tuple[nn.Module, str, dict[str, Any]]:
         model = build_model_from_state(model.state_dict(), model_name, kwargs, source=folder)
         name = model_name
     return model, name, kwargs
-
-
-def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
 
 def to_hf_pixel_values(videos: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import time
 import torch
 from torch import nn
 
+from hpm_video.checkpoint import jsonable
 from hpm_video.config import CfgNode, model_kwargs
 from hpm_video.engine import checkpointing, evaluation
 from hpm_video.engine import distributed as dist_utils
@@ -49,7 +50,6 @@ from hpm_video.engine.steps import (
     epoch_seed,
     epoch_steps,
     full_state_dict,
-    jsonable,
     seed_all,
     start_run,
     window_means,

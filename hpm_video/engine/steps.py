@@ -77,10 +77,6 @@ def clips_per_step(cfg) -> int:
     return cfg.SOLVER.BATCH_SIZE * (cfg.DATA.NUM_SAMPLE if cfg.DATA.DATASET != "image" else 1)
 
 
-def jsonable(kwargs: dict) -> dict:
-    """Model kwargs as JSON values (tuples become lists), for checkpoints' client state."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-
 
 def epoch_steps(num_batches: int, num_samples: int, cfg, world: int) -> tuple[int, int]:
     """``(micro-steps, optimiser updates)`` per epoch: the loader's batches, capped by
