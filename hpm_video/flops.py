@@ -161,24 +161,17 @@ def arch_from_name(model_name: str, **kwargs: Any) -> ArchSpec:
 
     Defaults are read from the model classes' signatures and the size table, so they cannot drift.
     """
-    from hpm_video.models import MODEL_NAMES, PRETRAIN_MODELS, SIZES, HPMPretrainModel, VisionTransformer
+    from hpm_video.models import PRETRAIN_MODELS
+    from hpm_video.models.registry import size_kwargs
 
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model_name!r}; valid: {', '.join(MODEL_NAMES)}")
-    size = model_name.split("_vit_")[1].split("_")[0]
-    dim, depth, heads, ddim, dheads, ddepth = SIZES[size]
+    cls, size_args = size_kwargs(model_name)
     pretrain = model_name in PRETRAIN_MODELS
-    cls = HPMPretrainModel if pretrain else VisionTransformer
     args = {
         name: p.default
         for name, p in inspect.signature(cls.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    if pretrain:
-        args.update(patch_size=16, encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=heads,
-                    decoder_embed_dim=ddim, decoder_num_heads=dheads, decoder_depth=ddepth)  # fmt: skip
-    else:
-        args.update(patch_size=16, embed_dim=dim, depth=depth, num_heads=heads)
+    args.update(size_args)
     args.update(kwargs)
 
     def stack(width: int, blocks: int) -> StackSpec:

@@ -32,44 +32,40 @@ CLASSIFIER_MODELS = tuple(f"hpm_vit_{s}_patch16" for s in SIZES)
 MODEL_NAMES = PRETRAIN_MODELS + CLASSIFIER_MODELS
 
 
-def _pretrain(size: str, pretrained: bool, kwargs: dict[str, Any]) -> HPMPretrainModel:
-    if pretrained:
-        raise ValueError("hpm-video downloads nothing; load a checkpoint file with hpm_video.checkpoint instead")
+def size_kwargs(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The class and the size keyword arguments that a registered model name stands for."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+    size = name.split("_vit_")[1].split("_")[0]
     dim, depth, heads, ddim, dheads, ddepth = SIZES[size]
-    args = dict(
-        patch_size=16, encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=heads,
-        decoder_embed_dim=ddim, decoder_num_heads=dheads, decoder_depth=ddepth,
-    )  # fmt: skip
-    args.update(kwargs)
-    return HPMPretrainModel(**args)
+    if name in PRETRAIN_MODELS:
+        return HPMPretrainModel, dict(
+            patch_size=16, encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=heads,
+            decoder_embed_dim=ddim, decoder_num_heads=dheads, decoder_depth=ddepth,
+        )  # fmt: skip
+    return VisionTransformer, dict(patch_size=16, embed_dim=dim, depth=depth, num_heads=heads)
 
 
-def _classifier(size: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
+def _build(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if pretrained:
         raise ValueError("hpm-video downloads nothing; load a checkpoint file with hpm_video.checkpoint instead")
-    dim, depth, heads = SIZES[size][:3]
-    args = dict(patch_size=16, embed_dim=dim, depth=depth, num_heads=heads)
-    args.update(kwargs)
-    return VisionTransformer(**args)
+    cls, args = size_kwargs(name)
+    return cls(**{**args, **kwargs})
 
 
-def _register(size: str) -> None:
+def _register(name: str) -> None:
     # timm's registry keys on the function's __name__ and reads its module for defaults, so each
     # entry point is a real module-level function with the public name.
-    def pretrain_fn(pretrained: bool = False, **kwargs) -> HPMPretrainModel:
-        return _pretrain(size, pretrained, kwargs)
+    def entry(pretrained: bool = False, **kwargs) -> nn.Module:
+        return _build(name, pretrained, kwargs)
 
-    def classifier_fn(pretrained: bool = False, **kwargs) -> VisionTransformer:
-        return _classifier(size, pretrained, kwargs)
-
-    for fn, name in ((pretrain_fn, f"hpm_pretrain_vit_{size}_patch16"), (classifier_fn, f"hpm_vit_{size}_patch16")):
-        fn.__name__ = fn.__qualname__ = name
-        fn.__module__ = __name__
-        globals()[name] = register_model(fn)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    globals()[name] = register_model(entry)
 
 
-for _size in SIZES:
-    _register(_size)
+for _name in MODEL_NAMES:
+    _register(_name)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
