@@ -134,8 +134,10 @@ def compute_pretrain_panels(
     was_training = net.training
     net.eval()  # no drop path in a picture
     try:
-        out = net(videos, alpha=alpha, mask=mask, generator=generator)
         scores = net.score_tokens(videos, use_teacher=True) if net.loss_predictor is not None else None
+        if mask is None and net.masking == "hpm":  # the mask from these scores: one teacher pass, not two
+            mask = net.mask_generator(grid).hard(scores, alpha, generator)
+        out = net(videos, alpha=alpha, mask=mask, generator=generator)
     finally:
         net.train(was_training)
 
