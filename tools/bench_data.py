@@ -146,35 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "decode": {b: bench_decode(paths, b, args) for b in backends},
     }
-    items: dict[str, object] = {}
-    for backend in backends:
-        for k in num_samples:
-            ds = VideoPretrainDataset(
-                args.list,
-                args.root,
-                num_frames=args.num_frames,
-                sampling_rate=args.sampling_rate,
-                input_size=args.input_size,
-                num_sample=k,
-                backend=backend,
-            )
-            items[f"{backend}/num_sample={k}"] = bench_items(ds, args.seconds)
-    result["pretrain_item"] = items
+
+    def dataset(num_sample: int, backend: str = "auto") -> VideoPretrainDataset:
+        return VideoPretrainDataset(
+            args.list, args.root, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
+            input_size=args.input_size, num_sample=num_sample, backend=backend,
+        )  # fmt: skip
+
+    result["pretrain_item"] = {
+        f"{backend}/num_sample={k}": bench_items(dataset(k, backend), args.seconds)
+        for backend in backends
+        for k in num_samples
+    }
     if args.workers > 0:
-        loader_runs = {}
-        for k in sorted({1, max(num_samples)}):
-            ds = VideoPretrainDataset(
-                args.list,
-                args.root,
-                num_frames=args.num_frames,
-                sampling_rate=args.sampling_rate,
-                input_size=args.input_size,
-                num_sample=k,
-            )
-            loader_runs[f"auto/num_sample={k}"] = bench_loader(
-                ds, args.workers, args.batch_size, args.seconds
-            )
-        result["loader"] = loader_runs
+        result["loader"] = {
+            f"auto/num_sample={k}": bench_loader(dataset(k), args.workers, args.batch_size, args.seconds)
+            for k in sorted({1, max(num_samples)})
+        }
     print(json.dumps(result, indent=2))
     return 0
 
