@@ -184,6 +184,7 @@ class HPMPretrainModel(nn.Module):
         trunc_normal_(self.mask_token, std=0.02)
         self.teacher = self._make_teacher() if masking == "hpm" else None
         self._mask_generators: dict[tuple[int, int], masklib.MaskGenerator] = {}
+        self._ema_params: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
         self.set_grad_checkpointing(grad_checkpointing)
 
     # ----------------------------------------------------------------------------------- set-up
@@ -212,20 +213,28 @@ class HPMPretrainModel(nn.Module):
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(teacher, student) tensors in matching order, for the EMA update.
 
-        Under ZeRO-3 parameters are partitioned: each rank updates its own partition
-        (``ds_tensor``), which lines up because teacher and student tensors have the same shapes.
+        The parameter pairs are matched by name once and kept (a parameter object survives ``.to()``
+        and DeepSpeed re-pointing its ``.data``); the tensors are read from them at every call. Under
+        ZeRO-3 parameters are partitioned: each rank updates its own partition (``ds_tensor``), which
+        lines up because teacher and student tensors have the same shapes.
         """
+        if self._ema_params is None:
+            self._ema_params = self._match_ema_params()
+        teacher, student = self._ema_params
+        return [getattr(p, "ds_tensor", p) for p in teacher], [getattr(p, "ds_tensor", p) for p in student]
+
+    def _match_ema_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         if self.teacher is None:
             return [], []
-        teacher_tensors, student_tensors = [], []
+        teacher, student = [], []
         for name, module in self._student_parts().items():
             for (tn, tp), (sn, sp) in zip(
                 self.teacher[name].named_parameters(), module.named_parameters(), strict=True
             ):
                 assert tn == sn, (tn, sn)
-                teacher_tensors.append(getattr(tp, "ds_tensor", tp.data))
-                student_tensors.append(getattr(sp, "ds_tensor", sp.data))
-        return teacher_tensors, student_tensors
+                teacher.append(tp)
+                student.append(sp)
+        return teacher, student
 
     @torch.no_grad()
     def update_teacher(self, decay: float) -> None:
