@@ -59,6 +59,18 @@ def _mask_from_priority(priority: torch.Tensor, num_masked: int) -> torch.Tensor
     return mask.scatter_(1, top, True)
 
 
+def num_mask_units(grid: tuple[int, int], unit: str = "tube") -> int:
+    """Candidates per sample: ``S`` spatial tubes, or all ``T' * S`` tokens."""
+    check_choice("mask unit", unit, MASK_UNITS)
+    return grid[1] if unit == "tube" else grid[0] * grid[1]
+
+
+def _checked_noise(noise: torch.Tensor, batch: int, num_units: int) -> torch.Tensor:
+    if tuple(noise.shape) != (batch, num_units):
+        raise ValueError(f"mask noise must have shape ({batch}, {num_units}), got {tuple(noise.shape)}")
+    return noise
+
+
 def _expand_units(unit_mask: torch.Tensor, grid: tuple[int, int], unit: str) -> torch.Tensor:
     """Spatial-tube mask ``(B, S)`` -> token mask ``(B, T' * S)``; token masks pass through."""
     if unit == "tube":
@@ -94,11 +106,17 @@ def random_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     shard: tuple[int, int] = (0, 1),
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Uniformly random mask ``(B, T' * S)`` (VideoMAE tube masking when ``unit='tube'``)."""
-    check_choice("mask unit", unit, MASK_UNITS)
-    num_units = grid[1] if unit == "tube" else grid[0] * grid[1]
-    noise = uniform_noise(batch_size, num_units, generator, device, shard)
+    """Uniformly random mask ``(B, T' * S)`` (VideoMAE tube masking when ``unit='tube'``).
+
+    ``noise`` ``(B, U)``: uniform noise drawn beforehand (``uniform_noise``), used instead of
+    drawing it here; that keeps a ``torch.Generator`` out of a compiled forward.
+    """
+    num_units = num_mask_units(grid, unit)
+    noise = _checked_noise(noise, batch_size, num_units) if noise is not None else uniform_noise(
+        batch_size, num_units, generator, device, shard
+    )
     unit_mask = _mask_from_priority(noise, num_masked_per_unit_row(num_units, mask_ratio))
     return _expand_units(unit_mask, grid, unit)
 
@@ -110,12 +128,14 @@ def hard_mask(
     unit: str = "tube",
     generator: torch.Generator | None = None,
     shard: tuple[int, int] = (0, 1),
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Easy-to-hard mask from predicted per-token losses ``scores`` ``(B, T', S)``.
 
     Of the ``n`` masked units, the ``int(n * alpha)`` with the highest predicted loss are always
     masked; the rest are drawn uniformly from the remaining units. Vectorised as: uniform noise in
-    [0, 1), the hard units lifted to +inf, then the top ``n`` of that priority.
+    [0, 1), the hard units lifted to +inf, then the top ``n`` of that priority. ``noise`` as in
+    ``random_mask``.
     """
     check_choice("mask unit", unit, MASK_UNITS)
     if scores.ndim != 3:
@@ -129,7 +149,10 @@ def hard_mask(
     num_units = unit_scores.shape[1]
     n_mask = num_masked_per_unit_row(num_units, mask_ratio)
     n_hard = int(n_mask * alpha)
-    noise = uniform_noise(batch, num_units, generator, scores.device, shard)
+    if noise is None:
+        noise = uniform_noise(batch, num_units, generator, scores.device, shard)
+    else:
+        noise = _checked_noise(noise, batch, num_units)
     if n_hard > 0:
         hardest = torch.topk(unit_scores, n_hard, dim=1, sorted=False).indices
         noise = noise.scatter(1, hardest, float("inf"))
@@ -170,11 +193,23 @@ class MaskGenerator:
         self.mask_ratio = mask_ratio
         self.unit = unit
         self.num_masked = num_masked_tokens(grid, mask_ratio, unit)
+        self.num_units = num_mask_units(grid, unit)
+
+    def noise(
+        self, batch_size: int, generator: torch.Generator | None = None, device=None, shard: tuple[int, int] = (0, 1)
+    ) -> torch.Tensor:
+        """The uniform noise ``(B, U)`` a mask of this grid draws (see ``uniform_noise``)."""
+        return uniform_noise(batch_size, self.num_units, generator, device, shard)
 
     def random(
-        self, batch_size: int, device=None, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+        self,
+        batch_size: int,
+        device=None,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return random_mask(batch_size, self.grid, self.mask_ratio, self.unit, generator, device, shard)
+        return random_mask(batch_size, self.grid, self.mask_ratio, self.unit, generator, device, shard, noise)
 
     def hard(
         self,
@@ -182,7 +217,8 @@ class MaskGenerator:
         alpha: float,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if tuple(scores.shape[1:]) != self.grid:
             raise ValueError(f"scores of shape {tuple(scores.shape)} do not match the token grid {self.grid}")
-        return hard_mask(scores, self.mask_ratio, alpha, self.unit, generator, shard)
+        return hard_mask(scores, self.mask_ratio, alpha, self.unit, generator, shard, noise)

@@ -119,3 +119,18 @@ def test_sharded_masks_equal_the_global_batch(mode):
     whole = make(scores, (0, 1))
     parts = [make(scores[r::2], (r, 2)) for r in range(2)]  # a DistributedSampler deals rows r::2
     assert torch.equal(parts[0], whole[0::2]) and torch.equal(parts[1], whole[1::2])
+
+
+@pytest.mark.parametrize("unit", ["tube", "token"])
+def test_noise_drawn_beforehand_gives_the_same_masks(unit):
+    """The training loop draws the noise outside the forward; the masks must not change."""
+    scores = torch.randn(4, 2, 16)
+    gen = masking.MaskGenerator((2, 16), 0.75, unit)
+    noise = gen.noise(4, torch.Generator().manual_seed(3), shard=(1, 2))
+    assert noise.shape == (4, gen.num_units)
+    inline_random = gen.random(4, generator=torch.Generator().manual_seed(3), shard=(1, 2))
+    inline_hard = gen.hard(scores, 0.5, generator=torch.Generator().manual_seed(3), shard=(1, 2))
+    assert torch.equal(gen.random(4, noise=noise), inline_random)
+    assert torch.equal(gen.hard(scores, 0.5, noise=noise), inline_hard)
+    with pytest.raises(ValueError, match=r"mask noise must have shape \(4, "):
+        gen.random(4, noise=noise[:, :3])

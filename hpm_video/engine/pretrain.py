@@ -62,6 +62,33 @@ def build_pretrain_dataset(cfg: CfgNode):
 
 
 
+def pretrain_step(
+    engine,
+    videos: torch.Tensor,
+    alpha: float,
+    ema_decay_value: float,
+    mask_gen: torch.Generator,
+    shard: tuple[int, int],
+    guard: NonFiniteGuard,
+    epoch: int = 0,
+    step: int = 0,
+) -> dict[str, torch.Tensor] | None:
+    """One micro-step of the loop: mask noise, forward, the finite-loss guard, backward + DeepSpeed
+    step and, after an optimiser update, the teacher's EMA. ``None`` when the guard skipped it.
+
+    The noise is drawn here, outside the engine's forward: a ``torch.Generator`` argument would
+    break a compiled graph.
+    """
+    module = engine.module
+    noise = module.mask_noise(videos, mask_gen, shard=shard)
+    out = engine(videos, alpha=alpha, noise=noise)
+    if not guard.ok(out["loss"], epoch, step):
+        return None
+    if backward_and_step(engine, out["loss"]):
+        module.update_teacher(ema_decay_value)
+    return out
+
+
 def train(cfg: CfgNode) -> dict[str, str]:
     """Run (or resume) pretraining; returns the paths of what it wrote."""
     from hpm_video.data import build_loader
@@ -126,12 +153,10 @@ def train(cfg: CfgNode) -> dict[str, str]:
             if vis_batch is None:
                 vis_batch = videos[: cfg.ENGINE.VIS_NUM_CLIPS].detach().clone()
 
-            out = engine(videos, alpha=alpha, generator=mask_gen, shard=(rank, world))
-            if not guard.ok(out["loss"], epoch, step):
+            out = pretrain_step(engine, videos, alpha, decay, mask_gen, (rank, world), guard, epoch, step)
+            if out is None:  # skipped: non-finite loss on some rank
                 bar.update(1)
                 continue
-            if backward_and_step(engine, out["loss"]):
-                module.update_teacher(decay)
             for key in TRACKED:
                 if key in out:
                     sums[key] += out[key].detach().float()

@@ -287,6 +287,20 @@ class HPMPretrainModel(nn.Module):
         scores = parts["loss_predictor"](x).squeeze(-1)  # (B, N)
         return rearrange(scores, "b (t s) -> b t s", t=t, s=h * w)
 
+    def mask_noise(
+        self, videos: torch.Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+    ) -> torch.Tensor:
+        """The uniform noise ``(B, U)`` the step's mask draws from, on the clips' device.
+
+        The training loop draws it here, outside the (possibly compiled) forward, and passes it as
+        ``noise=``: a ``torch.Generator`` argument would break a ``torch.compile`` graph.
+        ``shard=(rank, world)`` with a generator shared by all ranks makes the masks of N processes
+        those of one process with the global batch (see ``masking.uniform_noise``).
+        """
+        videos = as_clip(videos)
+        gen = self.mask_generator(self.token_grid(videos))
+        return gen.noise(videos.shape[0], generator, videos.device, shard)
+
     @torch.no_grad()
     def generate_mask(
         self,
@@ -294,17 +308,18 @@ class HPMPretrainModel(nn.Module):
         alpha: float = 0.0,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The step's mask ``(B, N)``: uniform for ``random``, teacher-guided for ``hpm``.
 
-        ``shard=(rank, world)`` with a generator shared by all ranks makes the masks of N processes
-        those of one process with the global batch (see ``masking.uniform_noise``).
+        The randomness is ``noise`` when given (from ``mask_noise``), else drawn here from
+        ``generator`` and ``shard`` exactly as ``mask_noise`` would.
         """
         videos = as_clip(videos)
         gen = self.mask_generator(self.token_grid(videos))
         if self.masking == "hpm":
-            return gen.hard(self.score_tokens(videos, use_teacher=True), alpha, generator, shard)
-        return gen.random(videos.shape[0], device=videos.device, generator=generator, shard=shard)
+            return gen.hard(self.score_tokens(videos, use_teacher=True), alpha, generator, shard, noise)
+        return gen.random(videos.shape[0], videos.device, generator, shard, noise)
 
     # ---------------------------------------------------------------------------------- forward
     def forward_encoder(self, videos: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -361,11 +376,14 @@ class HPMPretrainModel(nn.Module):
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
         num_masked: int | None = None,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One pretraining step's forward on clips ``(B, C, T, H, W)``.
 
-        A given ``mask`` is checked on the host unless its per-sample count ``num_masked`` is passed
-        too (what a compiled step should do: the check reads values back and breaks the graph).
+        Without ``mask`` one is drawn (``generate_mask``); a compiled step passes ``noise`` from
+        ``mask_noise`` rather than a ``generator``, which would break the graph. A given ``mask`` is
+        checked on the host unless its per-sample count ``num_masked`` is passed too (the check
+        reads values back, another graph break).
 
         Returns ``loss`` (to backpropagate), ``loss_rec``, and with a predictor ``loss_pred`` and
         ``rank_corr``; also ``mask`` ``(B, N)`` and detached per-token values for visualisation.
@@ -375,7 +393,7 @@ class HPMPretrainModel(nn.Module):
         t, h, w = self.token_grid(videos)
         num_tokens = t * h * w
         if mask is None:
-            mask = self.generate_mask(videos, alpha, generator, shard)
+            mask = self.generate_mask(videos, alpha, generator, shard, noise)
             num_masked = self.mask_generator((t, h, w)).num_masked
         elif num_masked is None:
             num_masked = masklib.check_mask(mask, batch, num_tokens)
