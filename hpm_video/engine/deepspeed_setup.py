@@ -48,17 +48,19 @@ def deepspeed_config(cfg: CfgNode, device: torch.device, micro_batch: int | None
     return config
 
 
-def make_optimizer(
-    model: nn.Module, cfg: CfgNode, device: torch.device, num_layers: int | None = None
-) -> torch.optim.Optimizer:
-    """torch AdamW (fused on CUDA) over decay / no-decay (and layer-decay) groups."""
+def make_optimizer(model: nn.Module, cfg: CfgNode, num_layers: int | None = None) -> torch.optim.Optimizer:
+    """torch AdamW over decay / no-decay (and layer-decay) groups.
+
+    Fused (one kernel for all tensors, CPU and CUDA alike): its step counters stay on the device,
+    where the foreach form reads them back on the host every step.
+    """
     groups = param_groups(model, cfg.SOLVER.WEIGHT_DECAY, layer_decay=cfg.SOLVER.LAYER_DECAY, num_layers=num_layers)
     return torch.optim.AdamW(
         groups,
         lr=cfg.SOLVER.BASE_LR,
         betas=tuple(cfg.SOLVER.BETAS),
         eps=cfg.SOLVER.EPS,
-        fused=device.type == "cuda",
+        fused=True,
     )
 
 
@@ -80,7 +82,7 @@ def initialize(
     if cfg.ENGINE.PRECISION == "fp16" and getattr(model, "teacher", None) is not None:
         logger.warning("fp16 stores the EMA teacher in fp16, which loses small EMA steps; prefer bf16 for hpm")
     if optimizer is None:
-        optimizer = make_optimizer(model, cfg, device)
+        optimizer = make_optimizer(model, cfg)
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

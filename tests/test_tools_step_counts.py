@@ -1,0 +1,141 @@
+"""StepProbe (kernels, host syncs, peak tensor memory) and tools/bench_step_counts.py, on the CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hpm_video  # noqa: F401
+from hpm_video.models import create_model
+from hpm_video.profiling import StepProbe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=3,
+             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+MiB = 2**20
+
+
+def _tool():
+    path = os.path.join(ROOT, "tools", "bench_step_counts.py")
+    spec = importlib.util.spec_from_file_location("tools_bench_step_counts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_names_each_host_sync_and_where_it_was_asked_for():
+    x = torch.randn(16)
+    with StepProbe() as probe:
+        y = x * 2  # a kernel, no sync
+        float(y.sum())  # .item()
+        x[x > 0]  # boolean-mask indexing: the count of True is read back
+        torch.unique(x)
+    sites = probe.syncs
+    assert sum(sites.values()) >= 3
+    assert all("test_tools_step_counts.py" in key for key in sites), sites
+    names = {key.split(" @ ")[0] for key in sites}
+    assert {"_local_scalar_dense", "index", "_unique2"} <= names, names
+    assert probe.kernels["other"] >= 3
+
+
+def test_probe_peak_counts_live_storages_once_and_frees_them():
+    probe = StepProbe()
+    with probe:
+        a = torch.empty(4 * MiB, dtype=torch.uint8)
+        view = a[: MiB]  # a view shares the storage: no new bytes
+        b = torch.empty(8 * MiB, dtype=torch.uint8)
+        del a, view
+        c = torch.empty(2 * MiB, dtype=torch.uint8)
+    assert probe.peak_bytes == 12 * MiB
+    assert probe.live_bytes == 10 * MiB
+    del b, c
+    assert probe.live_bytes == 0
+
+
+@pytest.mark.parametrize("masking", ["random", "hpm"])
+def test_real_training_step_on_cpu_has_no_host_sync(masking):
+    """The same check as the CUDA sync-debug test, on real CPU tensors: mask, targets, losses,
+    backward, fused AdamW and the EMA never ask for a value."""
+    tool = _tool()
+    args = tool.parse_args(["--model", "hpm_pretrain_vit_tiny_patch16", "--frames", "4", "--size", "32",
+                            "--batch", "2", "--masking", masking, "--precision", "fp32"])  # fmt: skip
+    result = tool.count_model_step(args, fake=False, use_predictor=True, **SMALL)
+    assert result["host_syncs"] == {}
+    phases = {"forward", "backward", "optimizer"} | ({"ema"} if masking == "hpm" else set())
+    assert set(result["kernels"]) == phases and all(n > 0 for n in result["kernels"].values())
+    assert result["kernels"]["optimizer"] < 10  # fused AdamW: a handful of kernels for every tensor
+
+
+def test_fake_counts_equal_a_real_run():
+    """Fake tensors compute nothing but allocate and dispatch exactly as the real step does."""
+    tool = _tool()
+    args = tool.parse_args(["--model", "hpm_pretrain_vit_tiny_patch16", "--frames", "4", "--size", "32",
+                            "--batch", "2", "--masking", "hpm", "--precision", "bf16"])  # fmt: skip
+    torch.manual_seed(0)
+    real = tool.count_model_step(args, fake=False, **SMALL)
+    fake = tool.count_model_step(args, fake=True, **SMALL)
+    assert fake["kernels"] == real["kernels"]
+    assert fake["peak_tensor_gib"] == pytest.approx(real["peak_tensor_gib"], rel=0.02)
+    assert fake["resident_gib"] == pytest.approx(real["resident_gib"], rel=1e-3)
+
+
+def test_full_size_counts_and_activation_checkpointing_memory():
+    """ViT-B at 16 x 224^2 counted in seconds; checkpointing trades kernels for memory."""
+    tool = _tool()
+    base = ["--model", "hpm_pretrain_vit_base_patch16", "--batch", "8", "--masking", "random"]
+    plain = tool.count_model_step(tool.parse_args(base))
+    ckpt = tool.count_model_step(tool.parse_args([*base, "--grad-ckpt"]))
+    assert plain["host_syncs_total"] == 0 and ckpt["host_syncs_total"] == 0
+    activations = {k: r["peak_tensor_gib"] - r["resident_gib"] for k, r in (("plain", plain), ("ckpt", ckpt))}
+    # What remains with checkpointing is mostly the fp32 gradients (0.35 GiB) and one block's recompute.
+    assert activations["ckpt"] < 0.5 * activations["plain"], activations
+    assert ckpt["kernels"]["backward"] > plain["kernels"]["backward"]  # the recomputed forward
+    assert plain["resident_gib"] > 94e6 * 4 * 3 / 2**30  # fp32 weights + two AdamW moments (+ the batch)
+
+
+@pytest.mark.parametrize("masking", ["random", "hpm"])
+def test_training_forward_has_no_graph_breaks(masking):
+    tool = _tool()
+    args = tool.parse_args(["--model", "hpm_pretrain_vit_tiny_patch16", "--masking", masking])
+    result = tool.graph_breaks(args, **SMALL)
+    assert result["graph_breaks"] == 0, result["graph_break_reasons"]
+    assert result["graphs"] == 1
+
+
+def test_full_step_compiles_as_one_graph_with_backward_on_cpu():
+    """``fullgraph=True`` raises on any break; aot_eager also traces the backward (no codegen)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model("hpm_pretrain_vit_tiny_patch16", num_frames=4, img_size=32, masking="hpm", **SMALL)
+    videos = torch.randn(2, 3, 4, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    # As the training loop does: the mask noise is drawn outside (a Generator would break the graph).
+    noise = model.mask_noise(videos, torch.Generator().manual_seed(0))
+    out = compiled(videos, alpha=0.5, noise=noise)
+    out["loss"].backward()
+    eager = model(videos, alpha=0.5, generator=torch.Generator().manual_seed(0))  # the same draw inside
+    assert torch.equal(out["mask"], eager["mask"])
+    torch.testing.assert_close(out["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_deepspeed_step_syncs_once_for_the_finite_loss_guard(stage, tmp_path):
+    """The training loop's own step: the one host sync of ours is the all-rank finite-loss flag."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_step_counts.py"), "--deepspeed", str(stage),
+         "--masking", "hpm", "--batch", "2", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = {k: v for k, v in result["host_syncs"].items() if "hpm_video" in k}
+    assert list(ours.values()) == [1] and "all_ranks_true" in next(iter(ours)), result["host_syncs"]
+    assert result["kernels_total"] > 100
