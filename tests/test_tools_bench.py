@@ -63,3 +63,41 @@ def test_peak_table():
     assert bench.peak_tflops("NVIDIA H200") == 989
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert bench.peak_tflops("Some CPU") is None
+
+
+def test_deepspeed_engine_mode_times_the_training_loop_step(tmp_path):
+    """``--zero``: the loop's own step (guard, DeepSpeed backward/step, EMA) on a one-process engine."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_train.py"), *TINY_ARGS, "--masking", "hpm", "--zero", "2"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # nothing but the JSON on stdout, DeepSpeed's logging included
+    assert FIELDS <= set(result)
+    assert result["engine"] == "deepspeed_zero2" and result["losses_finite"] is True
+    assert result["use_predictor"] is True and result["train_gflops_per_clip"] > 0
+
+
+def test_gpu_check_script_prints_json_lines_and_keeps_its_budget(tmp_path):
+    """The prepared GPU script's plumbing, on the CPU: a zero budget skips every benchmark (each
+    reported as skipped), every line is JSON, and the lines also land in $OUT."""
+    import subprocess
+
+    env = {**os.environ, "BUDGET_S": "0", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    checks = [line.get("check") for line in lines]
+    assert checks[0] == "environment" and checks[1] == "pytest -m cuda" and checks[-1] == "done"
+    assert lines[1]["rc"] in (0, 5)  # CUDA tests skip (or are absent) without a GPU
+    benches = [line for line in lines if line.get("check") == "bench_train"]
+    assert len(benches) >= 6 and all("budget" in line["skipped"] for line in benches)
+    with open(tmp_path / "gpu_check.jsonl") as f:
+        assert [json.loads(line) for line in f] == lines

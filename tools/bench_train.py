@@ -1,13 +1,17 @@
 """Training-step throughput of the pretraining model; prints one JSON object.
 
     python tools/bench_train.py --model hpm_pretrain_vit_base_patch16 --frames 16 --size 224 --batch 64 \\
-        --precision bf16 --masking hpm [--compile] [--grad-ckpt] [--warmup 3] [--steps 10]
+        --precision bf16 --masking hpm [--compile] [--grad-ckpt] [--zero STAGE] [--warmup 3] [--steps 10]
 
-A step is what pretraining does per batch: forward (in ``hpm`` mode including the EMA teacher's
-scoring of the full clips and the hard mask), backward, AdamW step (``fused=True`` on CUDA), and in
-``hpm`` mode the teacher's EMA update. Inputs are one synthetic batch already on the device, so the
-number measures the model, not data loading. The timed loop never reads a value back to the host;
-one synchronisation at the end closes the timing (and checks the losses are finite).
+A step is what pretraining does per batch: mask noise, forward (in ``hpm`` mode including the EMA
+teacher's scoring of the full clips and the hard mask), backward, fused AdamW step, and in ``hpm``
+mode the teacher's EMA update. Inputs are one synthetic batch already on the device, so the number
+measures the model, not data loading. Plain mode (the default) is torch training with nothing
+around it; its timed loop never reads a value back to the host, and one synchronisation at the end
+closes the timing (and checks the losses are finite). ``--zero STAGE`` times the training loop's
+own step instead (``hpm_video.engine.pretrain.pretrain_step`` on a one-process DeepSpeed engine at
+that ZeRO stage, with ``ENGINE.COMPILE`` for ``--compile``): the difference between the two is the
+engine's cost, including the finite-loss guard's one host sync per step.
 
 Reported: clips/s, step time, peak memory (CUDA ``max_memory_allocated``, or the process's peak RSS
 on CPU), model TFLOP/s from the training FLOPs per clip (``hpm_video.flops``: 3 x the student's
@@ -21,6 +25,7 @@ Runs on CPU too (``--device cpu``; precision defaults to fp32 there, as bf16 aut
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -81,13 +86,8 @@ def training_flops_per_clip(model: torch.nn.Module, method: str) -> tuple[float,
     return report["train_gflops"], report["method"]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available")
-    if args.precision is None:  # bf16 autocast on a CPU is correct but far slower than fp32
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    torch.manual_seed(args.seed)
+def _plain_step(args: argparse.Namespace, device: torch.device, videos: torch.Tensor, mask_generator):
+    """The model, and a step of plain torch training: autocast forward, backward, fused AdamW, EMA."""
     kwargs = dict(num_frames=args.frames, img_size=args.size, masking=args.masking, mask_ratio=args.mask_ratio)
     if args.masking == "random":
         kwargs["use_predictor"] = args.use_predictor
@@ -95,23 +95,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     if args.grad_ckpt:
         model.set_grad_checkpointing(True)
-    train_gflops, flops_method = training_flops_per_clip(model, args.flops)
-
+    flops = training_flops_per_clip(model, args.flops)
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+    optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     amp_dtype = PRECISIONS[args.precision]
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     forward = torch.compile(model) if args.compile else model
-    hpm = args.masking == "hpm"
     decay = ema_decay(0)
 
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    videos = torch.randn(args.batch, 3, args.frames, args.size, args.size, generator=generator).to(device)
-
     def step() -> torch.Tensor:
+        # As the training loop does: mask noise drawn outside the (compiled) forward.
+        noise = model.mask_noise(videos, mask_generator)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = forward(videos, alpha=args.alpha)["loss"]
+            loss = forward(videos, alpha=args.alpha, noise=noise)["loss"]
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -120,9 +116,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if hpm:
-            model.update_teacher(decay)
+        model.update_teacher(decay)  # a no-op without a teacher
         return loss.detach()
+
+    return model, step, flops
+
+
+def _deepspeed_step(args: argparse.Namespace, device: torch.device, videos: torch.Tensor, mask_generator):
+    """The model, and the training loop's own step (``pretrain_step``) on a DeepSpeed engine."""
+    import tempfile
+
+    from hpm_video.config import load_config, model_kwargs
+    from hpm_video.engine import distributed as dist_utils
+    from hpm_video.engine.deepspeed_setup import initialize
+    from hpm_video.engine.pretrain import pretrain_step
+    from hpm_video.engine.steps import NonFiniteGuard
+
+    cfg = load_config(None, [
+        "MODEL.NAME", args.model, "MODEL.NUM_FRAMES", str(args.frames), "MODEL.INPUT_SIZE", str(args.size),
+        "MODEL.GRAD_CHECKPOINTING", str(args.grad_ckpt), "MASK.MODE", args.masking,
+        "MASK.RATIO", str(args.mask_ratio), "MASK.PREDICTOR", str(args.use_predictor),
+        "ENGINE.ZERO_STAGE", str(args.zero), "ENGINE.PRECISION", args.precision, "ENGINE.COMPILE", str(args.compile),
+        "ENGINE.DEVICE", device.type, "SOLVER.BATCH_SIZE", str(args.batch),
+        "OUTPUT_DIR", tempfile.mkdtemp(prefix="bench_train_"),
+    ])  # fmt: skip
+    dist_utils.fill_rendezvous_env()
+    dist_utils.init_distributed(device)
+    model = create_model(cfg.MODEL.NAME, **model_kwargs(cfg))
+    flops = training_flops_per_clip(model, args.flops)  # before ZeRO-3 partitions the weights
+    engine, _ = initialize(model, cfg, device, args.batch)
+    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS)
+    decay = ema_decay(0)
+
+    def step() -> torch.Tensor:
+        out = pretrain_step(engine, videos, args.alpha, decay, mask_generator, (0, 1), guard)
+        if out is None:
+            raise RuntimeError("non-finite loss: the step was skipped")
+        return out["loss"].detach()
+
+    return engine.module, step, flops
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    if args.precision is None:  # bf16 autocast on a CPU is correct but far slower than fp32
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    videos = torch.randn(args.batch, 3, args.frames, args.size, args.size, generator=generator).to(device)
+    mask_generator = torch.Generator(device=device).manual_seed(args.seed)
+    build = _plain_step if args.zero is None else _deepspeed_step
+    model, step, (train_gflops, flops_method) = build(args, device, videos, mask_generator)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -159,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mask_ratio": args.mask_ratio,
         "use_predictor": model.loss_predictor is not None,
         "compile": args.compile,
+        "engine": "plain" if args.zero is None else f"deepspeed_zero{args.zero}",
         "grad_ckpt": args.grad_ckpt,
         "warmup_steps": args.warmup,
         "warmup_s": round(warmup_s, 3),
@@ -192,6 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5, help="hard-mask share in hpm mode (cost is the same)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), metavar="STAGE",
+                        help="run the training loop's step on a DeepSpeed engine at this ZeRO stage "
+                             "(needs deepspeed and fvcore); default: plain torch training")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
@@ -207,7 +257,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        result = run(args)
+        # Only the JSON goes to stdout: libraries' prints and DeepSpeed's logger (whose handler
+        # binds the stdout of the moment it is created) go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(args)
     except (ValueError, RuntimeError) as err:
         print(json.dumps({"error": str(err).splitlines()[0], "model": args.model, "masking": args.masking}))
         return 1

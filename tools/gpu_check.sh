@@ -1,36 +1,52 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine. Prints JSON lines:
+# The one script to run on a GPU machine. Prints JSON lines (and appends them to $OUT/gpu_check.jsonl
+# when OUT is set):
 #   1. the environment (torch, CUDA device, which optional packages are present);
 #   2. the CUDA-marked tests (`pytest -m cuda`), summarised as one JSON line (full log on stderr);
-#   3. tools/bench_train.py for ViT-B 16x224, mask 0.9, bf16, batch 64, in random and hpm modes
-#      (and with torch.compile when COMPILE=1 or --compile is given).
-# A bare GPU box may have only torch, timm, einops and triton: nothing here needs fvcore, deepspeed,
-# av or transformers (bench_train falls back to the closed-form FLOP count, which matches fvcore).
+#   3. the tools/bench_train.py sweep of the GPU-speed issue, most important first (ViT-B 16x224,
+#      mask 0.9, bf16): random and hpm compiled at batch 128, the same in eager mode, ViT-L batch 32
+#      with activation checkpointing, then (where DeepSpeed imports) the training loop's step on
+#      DeepSpeed ZeRO 0, 2 and 3 against plain training.
+# Every run has its own time limit and the whole script a budget (BUDGET_S, default 420 s): a run
+# that would start after the budget is reported as skipped instead, so the script always ends in time
+# and what ran is never lost.
 #
-#   tools/gpu_check.sh [--compile] [--quick]
-# Environment: PYTHON (interpreter), BATCH (64), STEPS (10), WARMUP (3), COMPILE (0/1).
+# A bare GPU box may have only torch, timm, einops and triton. DeepSpeed and fvcore come from .whl/
+# when that folder is there (tools/gpu_wheels.sh fills it; carry it with the run).
+#
+#   tools/gpu_check.sh [--quick]
+# Environment: PYTHON (interpreter), BUDGET_S (420), STEPS (10), WARMUP (3), RUN_LIMIT_S (240).
 set -u
 cd "$(dirname "$0")/.."
 
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=$(command -v python3 || command -v python); fi
 fi
-BATCH=${BATCH:-64}
+BUDGET_S=${BUDGET_S:-420}
 STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-3}
-COMPILE=${COMPILE:-0}
+RUN_LIMIT_S=${RUN_LIMIT_S:-240}
 for arg in "$@"; do
     case "$arg" in
-        --compile) COMPILE=1 ;;
         --quick) STEPS=3; WARMUP=1 ;;
         *) echo "{\"error\": \"unknown argument $arg\"}"; exit 2 ;;
     esac
 done
+START=$(date +%s)
+LOG=${OUT:+$OUT/gpu_check.jsonl}
+emit() { echo "$1"; if [ -n "$LOG" ]; then echo "$1" >>"$LOG"; fi; }
+
 # The repository root must be importable even where the package is not pip-installed.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .whl ] && ! "$PYTHON" -c "import deepspeed, fvcore" >/dev/null 2>&1; then
+    site=$(mktemp -d)
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl >&2; then
+        export PYTHONPATH="$site:$PYTHONPATH"
+    fi
+fi
 status=0
 
-"$PYTHON" - <<'EOF'
+emit "$("$PYTHON" - <<'EOF'
 import importlib.util, json, torch
 info = {"check": "environment", "torch": torch.__version__, "cuda": torch.cuda.is_available()}
 if torch.cuda.is_available():
@@ -41,33 +57,60 @@ info["packages"] = {m: importlib.util.find_spec(m) is not None
                     for m in ("timm", "einops", "triton", "fvcore", "deepspeed", "av", "transformers", "pytest")}
 print(json.dumps(info))
 EOF
+)"
 
 # CUDA-marked tests: collecting other test files may fail where optional packages are missing;
 # that must not stop the CUDA tests, so collection errors are tolerated and reported.
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
     log=$(mktemp)
-    "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests >"$log" 2>&1
+    timeout 150 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests >"$log" 2>&1
     rc=$?
     cat "$log" >&2
     summary=$(tail -n 1 "$log" | tr -d '"=')
     failed=$(grep -E '^(FAILED|ERROR) ' "$log" | head -n 20 | tr -d '"' | sed 's/.*/"&"/' | paste -sd, -)
-    echo "{\"check\": \"pytest -m cuda\", \"rc\": $rc, \"summary\": \"${summary}\", \"problems\": [${failed}]}"
+    emit "{\"check\": \"pytest -m cuda\", \"rc\": $rc, \"summary\": \"${summary}\", \"problems\": [${failed}]}"
     # rc 5: nothing collected (no CUDA-marked tests) is not a failure of this machine.
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then status=1; fi
     rm -f "$log"
 else
-    echo '{"check": "pytest -m cuda", "rc": null, "summary": "pytest not installed; skipped"}'
+    emit '{"check": "pytest -m cuda", "rc": null, "summary": "pytest not installed; skipped"}'
 fi
 
+# bench NEEDS_S ARGS...: one bench_train run, unless fewer than NEEDS_S seconds of the budget remain.
 bench() {
-    "$PYTHON" tools/bench_train.py --model hpm_pretrain_vit_base_patch16 --frames 16 --size 224 \
-        --mask-ratio 0.9 --precision bf16 --batch "$BATCH" --warmup "$WARMUP" --steps "$STEPS" "$@" \
-        || status=1
+    local needs=$1; shift
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if [ "$left" -lt "$needs" ]; then
+        emit "{\"check\": \"bench_train\", \"skipped\": \"budget: ${left}s left, needs ~${needs}s\", \"args\": \"$*\"}"
+        return
+    fi
+    local limit=$((left < RUN_LIMIT_S ? left : RUN_LIMIT_S))
+    local line
+    line=$(timeout "$limit" "$PYTHON" tools/bench_train.py --frames 16 --size 224 --mask-ratio 0.9 --precision bf16 \
+        --warmup "$WARMUP" --steps "$STEPS" "$@")
+    local rc=$?
+    if [ -z "$line" ]; then
+        line="{\"check\": \"bench_train\", \"error\": \"no result (exit $rc, limit ${limit}s)\", \"args\": \"$*\"}"
+    fi
+    emit "$line"
+    if [ "$rc" -ne 0 ]; then status=1; fi
 }
-bench --masking random
-bench --masking hpm
-if [ "$COMPILE" = "1" ]; then
-    bench --masking random --compile
-    bench --masking hpm --compile
+
+B=hpm_pretrain_vit_base_patch16
+L=hpm_pretrain_vit_large_patch16
+bench 120 --model $B --batch 128 --masking random --compile
+bench 150 --model $B --batch 128 --masking hpm --compile
+bench 30 --model $B --batch 128 --masking random
+bench 40 --model $B --batch 64 --masking hpm
+bench 60 --model $L --batch 32 --masking random --grad-ckpt
+bench 80 --model $L --batch 32 --masking hpm --grad-ckpt
+if "$PYTHON" -c "import deepspeed, fvcore" >/dev/null 2>&1; then
+    bench 30 --model $B --batch 64 --masking random  # the plain baseline of the ZeRO runs
+    for stage in 0 2 3; do
+        bench 60 --model $B --batch 64 --masking random --zero "$stage"
+    done
+else
+    emit '{"check": "bench_train --zero", "skipped": "deepspeed or fvcore missing (tools/gpu_wheels.sh, carry .whl)"}'
 fi
+emit "{\"check\": \"done\", \"seconds\": $(($(date +%s) - START)), \"status\": $status}"
 exit $status
