@@ -135,7 +135,7 @@ def hard_mask(
     Of the ``n`` masked units, the ``int(n * alpha)`` with the highest predicted loss are always
     masked; the rest are drawn uniformly from the remaining units. Vectorised as: uniform noise in
     [0, 1), the hard units lifted to +inf, then the top ``n`` of that priority. ``noise`` as in
-    ``random_mask``.
+    ``random_mask``. (Ties in ``scores`` at the hard cut are broken by ``topk``.)
     """
     check_choice("mask unit", unit, MASK_UNITS)
     if scores.ndim != 3:
@@ -153,9 +153,11 @@ def hard_mask(
         noise = uniform_noise(batch, num_units, generator, scores.device, shard)
     else:
         noise = _checked_noise(noise, batch, num_units)
-    if n_hard > 0:
-        hardest = torch.topk(unit_scores, n_hard, dim=1, sorted=False).indices
-        noise = noise.scatter(1, hardest, float("inf"))
+    # The n best-scored units in descending order, of which the first n_hard are lifted. No shape
+    # depends on alpha, so a compiled step keeps one graph while alpha grows over training.
+    ranked = torch.topk(unit_scores, n_mask, dim=1, sorted=True).indices  # (B, n)
+    is_hard = torch.arange(n_mask, device=scores.device) < n_hard  # (n,)
+    noise = noise.scatter(1, ranked, torch.where(is_hard, float("inf"), noise.gather(1, ranked)))
     unit_mask = _mask_from_priority(noise, n_mask)
     return _expand_units(unit_mask, grid, unit)
 

@@ -139,3 +139,20 @@ def test_deepspeed_step_syncs_once_for_the_finite_loss_guard(stage, tmp_path):
     ours = {k: v for k, v in result["host_syncs"].items() if "hpm_video" in k}
     assert list(ours.values()) == [1] and "all_ranks_true" in next(iter(ours)), result["host_syncs"]
     assert result["kernels_total"] > 100
+
+
+def test_growing_alpha_does_not_recompile_the_step():
+    """alpha rises every epoch; no shape depends on it, so dynamo compiles at most twice (the first
+    value specialised, then one dynamic graph) and the masks equal eager ones."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = create_model("hpm_pretrain_vit_tiny_patch16", num_frames=4, img_size=32, masking="hpm", **SMALL)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    videos = torch.randn(2, 3, 4, 32, 32)
+    for alpha in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+        noise = model.mask_noise(videos)
+        eager = model(videos, alpha=alpha, noise=noise)["mask"]
+        assert torch.equal(compiled(videos, alpha=alpha, noise=noise)["mask"], eager)
+    assert counter.frame_count <= 2, counter.frame_count
