@@ -101,3 +101,16 @@ def test_gpu_check_script_prints_json_lines_and_keeps_its_budget(tmp_path):
     assert len(benches) >= 6 and all("budget" in line["skipped"] for line in benches)
     with open(tmp_path / "gpu_check.jsonl") as f:
         assert [json.loads(line) for line in f] == lines
+
+
+def test_bench_data_sizes_the_data_workers_for_a_gpu_rate(capsys):
+    spec = importlib.util.spec_from_file_location("tools_bench_data", os.path.join(ROOT, "tools", "bench_data.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--seconds", "0.2", "--workers", "0", "--num-sample", "2", "--target-clips-per-s", "1000"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cores = result["cores_needed"]
+    assert cores["target_clips_per_s"] == 1000
+    for key, item in result["pretrain_item"].items():
+        assert key.endswith("num_sample=2") and item["cpu_ms_per_clip"] > 0
+        assert cores[key] == pytest.approx(item["cpu_ms_per_clip"], abs=0.06)  # 1000 clips/s x ms / 1000

@@ -12,7 +12,10 @@ Measured, each for about ``--seconds`` of wall time:
   ``clips_per_s_per_worker`` divides by the worker count.
 
 ``cpu_ms_per_clip`` (CPU time of this process per clip) is the number to compare across runs on a busy
-machine; the per-second rates are wall-clock. The default run takes under a minute on 2 cores.
+machine; the per-second rates are wall-clock. ``cores_needed`` sizes the data workers of a GPU run:
+``--target-clips-per-s`` (default 1,400, the GPU-speed issue's ViT-B rate) times the CPU time per
+clip, for every backend and ``num_sample`` (repeated augmentation decodes once for ``num_sample``
+clips). The default run takes under a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0, help="wall time per measurement")
+    parser.add_argument("--target-clips-per-s", type=float, default=1400.0,
+                        help="training rate the data side must feed (for cores_needed)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # what a DataLoader worker gets; makes per-worker numbers honest
 
@@ -158,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends
         for k in num_samples
     }
+    result["cores_needed"] = {
+        "target_clips_per_s": args.target_clips_per_s,
+        **{key: round(args.target_clips_per_s * item["cpu_ms_per_clip"] / 1000, 1)
+           for key, item in result["pretrain_item"].items()},
+    }  # fmt: skip
     if args.workers > 0:
         result["loader"] = {
             f"auto/num_sample={k}": bench_loader(dataset(k), args.workers, args.batch_size, args.seconds)
