@@ -114,3 +114,31 @@ def test_bench_data_sizes_the_data_workers_for_a_gpu_rate(capsys):
     for key, item in result["pretrain_item"].items():
         assert key.endswith("num_sample=2") and item["cpu_ms_per_clip"] > 0
         assert cores[key] == pytest.approx(item["cpu_ms_per_clip"], abs=0.06)  # 1000 clips/s x ms / 1000
+
+
+def test_gpu_check_report_table_and_plot(tmp_path, capsys):
+    """What the next GPU session pastes into docs/performance.md, from gpu_check.sh's JSON lines."""
+    spec = importlib.util.spec_from_file_location("tools_report", os.path.join(ROOT, "tools", "report_gpu_check.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    base = dict(check=None, device_name="NVIDIA H200", model="hpm_pretrain_vit_base_patch16", batch=128,
+                compile=True, grad_ckpt=False, step_time_ms=80.0, peak_memory_gib=30.5)  # fmt: skip
+    rows = [
+        {"check": "environment", "torch": "2.11"},
+        {**base, "masking": "random", "engine": "plain", "clips_per_s": 1600.0, "model_tflops": 340.6, "mfu": 0.344},
+        {**base, "masking": "hpm", "engine": "deepspeed_zero2", "clips_per_s": 500.0, "model_tflops": 362.1,
+         "mfu": 0.366},
+        {"check": "bench_train", "skipped": "budget: 3s left, needs ~60s", "args": "--model x --zero 3"},
+    ]  # fmt: skip
+    log = tmp_path / "gpu_check.jsonl"
+    log.write_text("a warning line\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
+    png = tmp_path / "plot.png"
+    assert report.main([str(log), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 3 and all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
+    assert "| NVIDIA H200 | ViT-B | random | 128 | yes | no | plain | 1600.0 | 80.0 | 30.5 | 340.6 | 34.4% |" in table
+    assert "skipped: budget" in table[-1]
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size[0] == 1000 and image.size[1] > 60

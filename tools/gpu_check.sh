@@ -7,6 +7,7 @@
 #      mask 0.9, bf16): random and hpm compiled at batch 128, the same in eager mode, ViT-L batch 32
 #      with activation checkpointing, then (where DeepSpeed imports) the training loop's step on
 #      DeepSpeed ZeRO 0, 2 and 3 against plain training.
+# tools/report_gpu_check.py turns the lines into the Markdown table and the plot of docs/performance.md.
 # Every run has its own time limit and the whole script a budget (BUDGET_S, default 420 s): a run
 # that would start after the budget is reported as skipped instead, so the script always ends in time
 # and what ran is never lost.

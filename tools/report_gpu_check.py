@@ -1,0 +1,117 @@
+"""Turn ``tools/gpu_check.sh`` output (JSON lines) into the table and the plot of docs/performance.md.
+
+    python tools/report_gpu_check.py gpu_check.jsonl --plot docs/gpu_check.png >> table.md
+
+Prints a Markdown table of every ``bench_train`` result (GPU, model, masking, batch, compile, engine,
+clips/s, step ms, peak GiB, model TFLOP/s, MFU; skipped and failed runs say so) and, with ``--plot``,
+draws clips/s per run as horizontal bars labelled with the MFU (PIL only, no plotting library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLUMNS = ("GPU", "model", "masking", "batch", "compile", "ckpt", "engine", "clips/s", "step ms", "peak GiB",
+           "model TFLOP/s", "MFU")  # fmt: skip
+
+
+def read_lines(path: str) -> list[dict[str, Any]]:
+    """The JSON objects of a gpu_check log; other lines (warnings) are ignored."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+    return rows
+
+
+def short_model(name: str) -> str:
+    for size in ("tiny", "small", "base", "large", "huge"):
+        if f"_{size}_" in name:
+            return "ViT-" + {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}[size]
+    return name
+
+
+def label(row: dict[str, Any]) -> str:
+    parts = [short_model(row["model"]), row["masking"], f"b{row['batch']}"]
+    if row.get("compile"):
+        parts.append("compile")
+    if row.get("grad_ckpt"):
+        parts.append("ckpt")
+    if row.get("engine", "plain") != "plain":
+        parts.append(row["engine"].replace("deepspeed_", ""))
+    return " ".join(parts)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
+    for row in rows:
+        if row.get("check") == "bench_train" and ("skipped" in row or "error" in row):
+            reason = row.get("skipped") or row.get("error")
+            lines.append(f"| - | `{row.get('args', '')}` | {'skipped' if 'skipped' in row else 'failed'}: {reason} "
+                         + "| " * (len(COLUMNS) - 3) + "|")  # fmt: skip
+            continue
+        if "clips_per_s" not in row:
+            continue
+        mfu = row.get("mfu")
+        cells = (
+            row.get("device_name", "?"), short_model(row["model"]), row["masking"], row["batch"],
+            "yes" if row.get("compile") else "no", "yes" if row.get("grad_ckpt") else "no",
+            row.get("engine", "plain"), f"{row['clips_per_s']:.1f}", f"{row['step_time_ms']:.1f}",
+            f"{row['peak_memory_gib']:.1f}", f"{row['model_tflops']:.1f}",
+            "-" if mfu is None else f"{100 * mfu:.1f}%",
+        )  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    results = [r for r in rows if "clips_per_s" in r]
+    if not results:
+        raise ValueError("no bench_train results to plot")
+    font = ImageFont.load_default()
+    bar_h, gap, left, right, top = 22, 8, 260, 140, 40
+    width = 1000
+    height = top + len(results) * (bar_h + gap) + 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    devices = sorted({r.get("device_name", "?") for r in results})
+    draw.text((10, 10), f"training clips/s per run ({', '.join(devices)}); label: MFU", fill="black", font=font)
+    longest = max(r["clips_per_s"] for r in results)
+    span = width - left - right
+    for i, row in enumerate(results):
+        y = top + i * (bar_h + gap)
+        draw.text((10, y + 5), label(row), fill="black", font=font)
+        length = max(1, int(span * row["clips_per_s"] / longest))
+        colour = (70, 130, 180) if row["masking"] == "random" else (205, 92, 92)
+        draw.rectangle([left, y, left + length, y + bar_h], fill=colour)
+        mfu = row.get("mfu")
+        text = f"{row['clips_per_s']:.0f} clips/s" + ("" if mfu is None else f"  {100 * mfu:.1f}% MFU")
+        draw.text((left + length + 6, y + 5), text, fill="black", font=font)
+    image.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log", help="gpu_check.sh output (JSON lines)")
+    parser.add_argument("--plot", help="write a PNG bar chart here")
+    args = parser.parse_args(argv)
+    rows = read_lines(args.log)
+    print(markdown(rows))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
