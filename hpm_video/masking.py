@@ -153,11 +153,16 @@ def hard_mask(
         noise = uniform_noise(batch, num_units, generator, scores.device, shard)
     else:
         noise = _checked_noise(noise, batch, num_units)
-    # The n best-scored units in descending order, of which the first n_hard are lifted. No shape
-    # depends on alpha, so a compiled step keeps one graph while alpha grows over training.
-    ranked = torch.topk(unit_scores, n_mask, dim=1, sorted=True).indices  # (B, n)
-    is_hard = torch.arange(n_mask, device=scores.device) < n_hard  # (n,)
-    noise = noise.scatter(1, ranked, torch.where(is_hard, float("inf"), noise.gather(1, ranked)))
+    if torch.compiler.is_compiling():
+        # The n best-scored units in order, of which the first n_hard are lifted: no shape depends
+        # on alpha, so a compiled step keeps one graph while alpha grows over training. (Eager
+        # mode takes the cheaper top-n_hard below; a test checks both give the same masks.)
+        ranked = torch.topk(unit_scores, n_mask, dim=1, sorted=True).indices  # (B, n)
+        is_hard = torch.arange(n_mask, device=scores.device) < n_hard  # (n,)
+        noise = noise.scatter(1, ranked, torch.where(is_hard, float("inf"), noise.gather(1, ranked)))
+    elif n_hard > 0:
+        hardest = torch.topk(unit_scores, n_hard, dim=1, sorted=False).indices  # (B, n_hard)
+        noise = noise.scatter(1, hardest, float("inf"))
     unit_mask = _mask_from_priority(noise, n_mask)
     return _expand_units(unit_mask, grid, unit)
 
