@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
+from hpm_video.engine import COMPILE_MODES
+
 # Valid values of the string options, checked by ``validate``.
 CHOICES: dict[str, tuple[str, ...]] = {
     "MASK.MODE": ("random", "hpm"),
@@ -25,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.SAMPLING": ("dense", "segment"),
     "ENGINE.PRECISION": ("fp32", "bf16", "fp16"),
     "ENGINE.DEVICE": ("auto", "cpu", "cuda"),
+    "ENGINE.COMPILE_MODE": COMPILE_MODES,
     "FINETUNE.POS_EMBED": ("auto", "sincos1d", "learned"),
     "FINETUNE.MIXUP_MODE": ("batch", "pair", "elem"),
     "FINETUNE.PROBE_OPTIMIZER": ("lars", "adamw"),
@@ -156,6 +159,7 @@ _C.ENGINE.ZERO_STAGE = 0
 _C.ENGINE.PRECISION = "bf16"  # bf16: autocast with fp32 weights; fp16: DeepSpeed loss scaling
 _C.ENGINE.MAX_BAD_STEPS = 20  # stop after this many non-finite losses in a row
 _C.ENGINE.COMPILE = False
+_C.ENGINE.COMPILE_MODE = "default"  # torch.compile mode when ENGINE.COMPILE is on
 _C.ENGINE.AUTO_RESUME = True
 _C.ENGINE.SAVE_EVERY_EPOCHS = 20
 _C.ENGINE.KEEP_LAST = 2  # checkpoints kept besides the newest (older ones are deleted)

@@ -117,3 +117,13 @@ def test_only_complete_checkpoints_count(tmp_path):
     assert checkpointing.resolve_tag_dir(str(tmp_path)).endswith("epoch-0003")
     with pytest.raises(FileNotFoundError, match="complete checkpoint"):
         checkpointing.resolve_tag_dir(str(tmp_path / "nothing"))
+
+
+def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused():
+    from hpm_video.engine.deepspeed_setup import compile_kwargs
+
+    assert compile_kwargs(load_config(None, ["ENGINE.COMPILE", "True"])) == {}
+    cfg = load_config(None, ["ENGINE.COMPILE", "True", "ENGINE.COMPILE_MODE", "max-autotune-no-cudagraphs"])
+    assert compile_kwargs(cfg) == {"mode": "max-autotune-no-cudagraphs"}
+    with pytest.raises(ValueError, match="ENGINE.COMPILE_MODE = 'fast'.*reduce-overhead"):
+        load_config(None, ["ENGINE.COMPILE_MODE", "fast"])

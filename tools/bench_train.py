@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 import hpm_video  # noqa: F401  (registers the models; imports neither fvcore nor deepspeed nor av)
+from hpm_video.engine import COMPILE_MODES
 from hpm_video.models import PRETRAIN_MODELS, create_model, ema_decay
 
 # Peak dense bf16 tensor-core TFLOP/s, matched against torch.cuda.get_device_name() in this order.
@@ -100,7 +101,7 @@ def _plain_step(args: argparse.Namespace, device: torch.device, videos: torch.Te
     optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     amp_dtype = PRECISIONS[args.precision]
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
     decay = ema_decay(0)
 
     def step() -> torch.Tensor:
@@ -137,6 +138,7 @@ def _deepspeed_step(args: argparse.Namespace, device: torch.device, videos: torc
         "MODEL.GRAD_CHECKPOINTING", str(args.grad_ckpt), "MASK.MODE", args.masking,
         "MASK.RATIO", str(args.mask_ratio), "MASK.PREDICTOR", str(args.use_predictor),
         "ENGINE.ZERO_STAGE", str(args.zero), "ENGINE.PRECISION", args.precision, "ENGINE.COMPILE", str(args.compile),
+        "ENGINE.COMPILE_MODE", args.compile_mode,
         "ENGINE.DEVICE", device.type, "SOLVER.BATCH_SIZE", str(args.batch),
         "OUTPUT_DIR", tempfile.mkdtemp(prefix="bench_train_"),
     ])  # fmt: skip
@@ -205,6 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mask_ratio": args.mask_ratio,
         "use_predictor": model.loss_predictor is not None,
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "engine": "plain" if args.zero is None else f"deepspeed_zero{args.zero}",
         "grad_ckpt": args.grad_ckpt,
         "warmup_steps": args.warmup,
@@ -238,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-predictor", action="store_true", help="random masking with the loss predictor")
     parser.add_argument("--alpha", type=float, default=0.5, help="hard-mask share in hpm mode (cost is the same)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode with --compile")  # fmt: skip
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), metavar="STAGE",
                         help="run the training loop's step on a DeepSpeed engine at this ZeRO stage "

@@ -64,6 +64,12 @@ def make_optimizer(model: nn.Module, cfg: CfgNode, num_layers: int | None = None
     )
 
 
+def compile_kwargs(cfg: CfgNode) -> dict:
+    """``torch.compile`` keyword arguments from ``ENGINE.COMPILE_MODE`` (``default``: none)."""
+    mode = cfg.ENGINE.COMPILE_MODE
+    return {} if mode == "default" else {"mode": mode}
+
+
 def initialize(
     model: nn.Module,
     cfg: CfgNode,
@@ -90,5 +96,6 @@ def initialize(
         dist_init_required=False,
     )
     if cfg.ENGINE.COMPILE:
-        engine.compile()  # torch.compile of the wrapped module, through DeepSpeed so ZeRO hooks still apply
+        # torch.compile of the wrapped module, through DeepSpeed so ZeRO hooks still apply.
+        engine.compile(compile_kwargs=compile_kwargs(cfg))
     return engine, ds_optimizer
