@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,15 +11,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data_fixtures import REPO, SAMPLES, make_bad_files  # noqa: E402
+from tool_helpers import load_tool  # noqa: E402
 
 from hpm_video.data import VideoFinetuneDataset, read_list  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "_data_tool_build_lists", os.path.join(REPO, "tools", "build_lists.py")
-)
-build_lists = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = build_lists  # dataclasses look their module up here
-_spec.loader.exec_module(build_lists)
+build_lists = load_tool("build_lists")
 
 
 def _run(argv: list[str], capsys) -> tuple[int, dict]:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from tool_helpers import subprocess_env
 
 from hpm_video.checkpoint import load_model_file
 from hpm_video.config import load_config
@@ -61,15 +62,8 @@ def tiny_config(tmp_path_factory) -> str:
     return str(path)
 
 
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(key, None)
-    return e
-
-
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -92,7 +86,7 @@ def weights(out: str) -> dict[str, torch.Tensor]:
 def test_bad_config_is_refused_clearly(tiny_config, tmp_path):
     proc = subprocess.run(
         [sys.executable, "run_pretrain.py", "--config", tiny_config, "SOLVER.EPOCH", "3"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "unknown config key 'SOLVER.EPOCH' (did you mean EPOCHS?)" in proc.stderr
@@ -182,7 +176,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     pretrain(tiny_config, full)
     cmd = [sys.executable, "run_pretrain.py", "--config", tiny_config, "OUTPUT_DIR", killed]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = os.path.join(killed, "log.jsonl")
     deadline = time.time() + 240
     # Kill -9 once the first checkpoint is complete and the next epoch has taken a step.
@@ -213,7 +207,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_config, tmp_path):
     # An absurd learning rate drives the weights to inf/NaN within a few steps.
     cmd = [sys.executable, "run_pretrain.py", "--config", tiny_config, "OUTPUT_DIR", out, "SOLVER.BASE_LR", "1e12",
            "SOLVER.WARMUP_EPOCHS", "0", "ENGINE.MAX_BAD_STEPS", "2", "SOLVER.EPOCHS", "20"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "non-finite losses in a row" in proc.stderr
     assert "step skipped" in proc.stderr

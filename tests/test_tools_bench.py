@@ -1,8 +1,8 @@
-import importlib.util
 import json
 import os
 
 import pytest
+from tool_helpers import load_tool, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {
@@ -13,10 +13,7 @@ FIELDS = {
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("tools_bench_train", os.path.join(ROOT, "tools", "bench_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_train")
 
 
 TINY_ARGS = ["--model", "hpm_pretrain_vit_tiny_patch16", "--frames", "4", "--size", "64", "--batch", "2",
@@ -70,12 +67,9 @@ def test_deepspeed_engine_mode_times_the_training_loop_step(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "bench_train.py"), *TINY_ARGS, "--masking", "hpm", "--zero", "2"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env(PYTHONPATH=ROOT),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # nothing but the JSON on stdout, DeepSpeed's logging included
@@ -104,9 +98,7 @@ def test_gpu_check_script_prints_json_lines_and_keeps_its_budget(tmp_path):
 
 
 def test_bench_data_sizes_the_data_workers_for_a_gpu_rate(capsys):
-    spec = importlib.util.spec_from_file_location("tools_bench_data", os.path.join(ROOT, "tools", "bench_data.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_data")
     assert bench.main(["--seconds", "0.2", "--workers", "0", "--num-sample", "2", "--target-clips-per-s", "1000"]) == 0
     result = json.loads(capsys.readouterr().out)
     cores = result["cores_needed"]
@@ -118,9 +110,7 @@ def test_bench_data_sizes_the_data_workers_for_a_gpu_rate(capsys):
 
 def test_gpu_check_report_table_and_plot(tmp_path, capsys):
     """What the next GPU session pastes into docs/performance.md, from gpu_check.sh's JSON lines."""
-    spec = importlib.util.spec_from_file_location("tools_report", os.path.join(ROOT, "tools", "report_gpu_check.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_tool("report_gpu_check")
     base = dict(check=None, device_name="NVIDIA H200", model="hpm_pretrain_vit_base_patch16", batch=128,
                 compile=True, grad_ckpt=False, step_time_ms=80.0, peak_memory_gib=30.5)  # fmt: skip
     rows = [

@@ -1,10 +1,10 @@
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tool_helpers import load_tool
 from torch import nn
 
 import hpm_video  # noqa: F401
@@ -126,10 +126,7 @@ def test_classifier_counts(use_mean_pooling):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("tools_flops", os.path.join(ROOT, "tools", "flops.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("flops")
 
 
 def test_cli_table_and_json_for_registered_models(capsys):

@@ -5,12 +5,12 @@ bit-identical because HF builds ``decoder.norm`` and ``fc_norm`` with eps 1e-5 w
 hpm-video) use 1e-6, and because attention is computed in a different order.
 """
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
+from tool_helpers import load_tool
 
 import hpm_video  # noqa: F401
 from hpm_video import hf
@@ -162,11 +162,7 @@ def test_refuses_what_hf_cannot_hold():
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli():
-    path = os.path.join(ROOT, "tools", "convert_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("tools_convert_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_checkpoint")
 
 
 def _run(cli, capsys, *args):

@@ -1,6 +1,5 @@
 """StepProbe (kernels, host syncs, peak tensor memory) and tools/bench_step_counts.py, on the CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from tool_helpers import load_tool, subprocess_env
 
 import hpm_video  # noqa: F401
 from hpm_video.models import create_model
@@ -20,11 +20,7 @@ MiB = 2**20
 
 
 def _tool():
-    path = os.path.join(ROOT, "tools", "bench_step_counts.py")
-    spec = importlib.util.spec_from_file_location("tools_bench_step_counts", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_step_counts")
 
 
 def test_probe_names_each_host_sync_and_where_it_was_asked_for():
@@ -126,13 +122,10 @@ def test_full_step_compiles_as_one_graph_with_backward_on_cpu():
 @pytest.mark.parametrize("stage", [0, 3])
 def test_deepspeed_step_syncs_once_for_the_finite_loss_guard(stage, tmp_path):
     """The training loop's own step: the one host sync of ours is the all-rank finite-loss flag."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "bench_step_counts.py"), "--deepspeed", str(stage),
          "--masking", "hpm", "--batch", "2", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=subprocess_env(PYTHONPATH=ROOT),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 
@@ -6,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tool_helpers import load_tool
 
 import hpm_video  # noqa: F401
 from hpm_video.checkpoint import save_model_file
@@ -129,10 +129,7 @@ def test_image_batch_is_a_one_frame_clip():
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("tools_visualize", os.path.join(ROOT, "tools", "visualize.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("visualize")
 
 
 def write_video(path, frames=12, height=40, width=48):
