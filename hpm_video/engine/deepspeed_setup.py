@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from hpm_video.config import CfgNode
+from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ def initialize(
         config=deepspeed_config(cfg, device, micro_batch),
         dist_init_required=False,
     )
+    if cfg.ENGINE.ZERO_STAGE == 0 and dist_utils.world_size() == 1:
+        # One process has nothing to average, but DeepSpeed would still flatten every gradient into
+        # one buffer, all-reduce it with itself and copy it back after each backward.
+        engine.enable_backward_allreduce = False
     if cfg.ENGINE.COMPILE:
         # torch.compile of the wrapped module, through DeepSpeed so ZeRO hooks still apply.
         engine.compile(compile_kwargs=compile_kwargs(cfg))
