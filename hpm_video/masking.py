@@ -140,7 +140,10 @@ def hard_mask(
     check_choice("mask unit", unit, MASK_UNITS)
     if scores.ndim != 3:
         raise ValueError(f"scores must be (B, T', S), got shape {tuple(scores.shape)}")
-    if not 0.0 <= alpha <= 1.0:
+    compiling = torch.compiler.is_compiling()
+    # Not while compiling: a Python test on alpha would pin the graph to its value (the loop's alpha
+    # comes from easy_to_hard_alpha, in [0, 1] by construction).
+    if not compiling and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     batch, time_slots, spatial = scores.shape
     grid = (time_slots, spatial)
@@ -148,19 +151,19 @@ def hard_mask(
     unit_scores = scores.mean(dim=1) if unit == "tube" else scores.flatten(1)
     num_units = unit_scores.shape[1]
     n_mask = num_masked_per_unit_row(num_units, mask_ratio)
-    n_hard = int(n_mask * alpha)
     if noise is None:
         noise = uniform_noise(batch, num_units, generator, scores.device, shard)
     else:
         noise = _checked_noise(noise, batch, num_units)
-    if torch.compiler.is_compiling():
-        # The n best-scored units in order, of which the first n_hard are lifted: no shape depends
-        # on alpha, so a compiled step keeps one graph while alpha grows over training. (Eager
-        # mode takes the cheaper top-n_hard below; a test checks both give the same masks.)
+    if compiling:
+        # The n best-scored units in order, of which the first int(n * alpha) are lifted; alpha
+        # enters only as a tensor operand (rank + 1 <= n * alpha), never as a shape or a Python
+        # int, so a compiled step keeps one graph while alpha grows over training. (Eager mode
+        # takes the cheaper top-n_hard below; tests check both give the same masks.)
         ranked = torch.topk(unit_scores, n_mask, dim=1, sorted=True).indices  # (B, n)
-        is_hard = torch.arange(n_mask, device=scores.device) < n_hard  # (n,)
+        is_hard = torch.arange(1, n_mask + 1, device=scores.device) <= n_mask * alpha  # (n,)
         noise = noise.scatter(1, ranked, torch.where(is_hard, float("inf"), noise.gather(1, ranked)))
-    elif n_hard > 0:
+    elif (n_hard := int(n_mask * alpha)) > 0:
         hardest = torch.topk(unit_scores, n_hard, dim=1, sorted=False).indices  # (B, n_hard)
         noise = noise.scatter(1, hardest, float("inf"))
     unit_mask = _mask_from_priority(noise, n_mask)

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
+from hpm_video.masking import check_mask
 from hpm_video.objective import patchify_targets, unpatchify
 
 LABEL_WIDTH = 96  # left column holding the row names
@@ -135,9 +136,15 @@ def compute_pretrain_panels(
     net.eval()  # no drop path in a picture
     try:
         scores = net.score_tokens(videos, use_teacher=True) if net.loss_predictor is not None else None
-        if mask is None and net.masking == "hpm":  # the mask from these scores: one teacher pass, not two
-            mask = net.mask_generator(grid).hard(scores, alpha, generator)
-        out = net(videos, alpha=alpha, mask=mask, generator=generator)
+        if mask is None:  # hpm: the mask from these scores, one teacher pass rather than two
+            gen = net.mask_generator(grid)
+            mask = gen.hard(scores, alpha, generator) if net.masking == "hpm" else gen.random(
+                videos.shape[0], videos.device, generator
+            )
+        # Checked here, with the count passed on: a model compiled for training (ENGINE.COMPILE)
+        # then runs this forward without a graph break or a generator argument.
+        num_masked = check_mask(mask, videos.shape[0], grid[0] * grid[1] * grid[2])
+        out = net(videos, alpha=alpha, mask=mask, num_masked=num_masked)
     finally:
         net.train(was_training)
 
