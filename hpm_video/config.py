@@ -218,6 +218,14 @@ def validate(cfg: CfgNode) -> None:
         raise ValueError(f"config ENGINE.ZERO_STAGE = {cfg.ENGINE.ZERO_STAGE} is not valid; choose 0, 1, 2 or 3")
     if not 0.0 <= cfg.MASK.RATIO < 1.0:
         raise ValueError(f"config MASK.RATIO = {cfg.MASK.RATIO} must be in [0, 1)")
+    if not 0.0 <= cfg.MASK.ALPHA_MAX <= 1.0:  # a compiled step does not check alpha itself
+        raise ValueError(f"config MASK.ALPHA_MAX = {cfg.MASK.ALPHA_MAX} must be in [0, 1]")
+    if cfg.ENGINE.COMPILE and cfg.ENGINE.ZERO_STAGE == 3:
+        raise ValueError(
+            "config ENGINE.COMPILE = True does not work with ENGINE.ZERO_STAGE = 3: DeepSpeed's per-module "
+            "parameter gathering breaks the compiled graph and leaves the fused qkv weight unfetched; "
+            "compile with ZERO_STAGE 0, 1 or 2, or run ZeRO-3 without ENGINE.COMPILE"
+        )
     for key in ("EPOCHS", "BATCH_SIZE", "ACCUM_STEPS"):
         if cfg.SOLVER[key] < 1:
             raise ValueError(f"config SOLVER.{key} = {cfg.SOLVER[key]} must be >= 1")

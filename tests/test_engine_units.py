@@ -127,3 +127,11 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused():
     assert compile_kwargs(cfg) == {"mode": "max-autotune-no-cudagraphs"}
     with pytest.raises(ValueError, match="ENGINE.COMPILE_MODE = 'fast'.*reduce-overhead"):
         load_config(None, ["ENGINE.COMPILE_MODE", "fast"])
+
+
+def test_compile_with_zero3_and_alpha_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="ENGINE.COMPILE = True does not work with ENGINE.ZERO_STAGE = 3"):
+        load_config(None, ["ENGINE.COMPILE", "True", "ENGINE.ZERO_STAGE", "3"])
+    load_config(None, ["ENGINE.COMPILE", "True", "ENGINE.ZERO_STAGE", "2"])  # the compiled ZeRO stages
+    with pytest.raises(ValueError, match=r"MASK.ALPHA_MAX = 1.5 must be in \[0, 1\]"):
+        load_config(None, ["MASK.ALPHA_MAX", "1.5"])
