@@ -145,7 +145,7 @@ def test_growing_alpha_does_not_recompile_the_step():
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     videos = torch.randn(2, 3, 4, 32, 32)
-    for alpha in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+    for alpha in (0.0, 0.2, 0.35, 0.5):  # one graph per value would make 4
         noise = model.mask_noise(videos)
         eager = model(videos, alpha=alpha, noise=noise)["mask"]
         assert torch.equal(compiled(videos, alpha=alpha, noise=noise)["mask"], eager)
