@@ -65,7 +65,12 @@ def num_mask_units(grid: tuple[int, int], unit: str = "tube") -> int:
     return grid[1] if unit == "tube" else grid[0] * grid[1]
 
 
-def _checked_noise(noise: torch.Tensor, batch: int, num_units: int) -> torch.Tensor:
+def _noise_or_draw(
+    noise: torch.Tensor | None, batch: int, num_units: int, generator, device, shard: tuple[int, int]
+) -> torch.Tensor:
+    """The given ``noise`` (shape checked), or a fresh draw of ``uniform_noise``."""
+    if noise is None:
+        return uniform_noise(batch, num_units, generator, device, shard)
     if tuple(noise.shape) != (batch, num_units):
         raise ValueError(f"mask noise must have shape ({batch}, {num_units}), got {tuple(noise.shape)}")
     return noise
@@ -114,9 +119,7 @@ def random_mask(
     drawing it here; that keeps a ``torch.Generator`` out of a compiled forward.
     """
     num_units = num_mask_units(grid, unit)
-    noise = _checked_noise(noise, batch_size, num_units) if noise is not None else uniform_noise(
-        batch_size, num_units, generator, device, shard
-    )
+    noise = _noise_or_draw(noise, batch_size, num_units, generator, device, shard)
     unit_mask = _mask_from_priority(noise, num_masked_per_unit_row(num_units, mask_ratio))
     return _expand_units(unit_mask, grid, unit)
 
@@ -151,10 +154,7 @@ def hard_mask(
     unit_scores = scores.mean(dim=1) if unit == "tube" else scores.flatten(1)
     num_units = unit_scores.shape[1]
     n_mask = num_masked_per_unit_row(num_units, mask_ratio)
-    if noise is None:
-        noise = uniform_noise(batch, num_units, generator, scores.device, shard)
-    else:
-        noise = _checked_noise(noise, batch, num_units)
+    noise = _noise_or_draw(noise, batch, num_units, generator, scores.device, shard)
     if compiling:
         # The n best-scored units in order, of which the first int(n * alpha) are lifted; alpha
         # enters only as a tensor operand (rank + 1 <= n * alpha), never as a shape or a Python

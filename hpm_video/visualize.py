@@ -136,11 +136,11 @@ def compute_pretrain_panels(
     net.eval()  # no drop path in a picture
     try:
         scores = net.score_tokens(videos, use_teacher=True) if net.loss_predictor is not None else None
-        if mask is None:  # hpm: the mask from these scores, one teacher pass rather than two
-            gen = net.mask_generator(grid)
-            mask = gen.hard(scores, alpha, generator) if net.masking == "hpm" else gen.random(
-                videos.shape[0], videos.device, generator
-            )
+        gen = net.mask_generator(grid)
+        if mask is None and net.masking == "hpm":  # the mask from these scores: one teacher pass, not two
+            mask = gen.hard(scores, alpha, generator)
+        elif mask is None:
+            mask = gen.random(videos.shape[0], videos.device, generator)
         # Checked here, with the count passed on: a model compiled for training (ENGINE.COMPILE)
         # then runs this forward without a graph break or a generator argument.
         num_masked = check_mask(mask, videos.shape[0], grid[0] * grid[1] * grid[2])
