@@ -126,20 +126,21 @@ def count_engine_step(args: argparse.Namespace) -> dict[str, Any]:
     device, _, _ = start_run(cfg)
     model = create_model(cfg.MODEL.NAME, **model_kwargs(cfg))
     engine, _ = initialize(model, cfg, device, args.batch)
-    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS)
+    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS, engine)
     size, frames = cfg.MODEL.INPUT_SIZE, cfg.MODEL.NUM_FRAMES
     videos = torch.randn(args.batch, 3, frames, size, size)
     generator = torch.Generator().manual_seed(0)
 
-    def step() -> None:
-        out = pretrain_step(engine, videos, args.alpha, 0.999, generator, (0, 1), guard)
-        assert out is not None, "non-finite loss in the counted step"
+    def step() -> dict[str, torch.Tensor]:
+        return pretrain_step(engine, videos, args.alpha, 0.999, generator, (0, 1), guard)
 
     for _ in range(args.warmup):  # optimiser state, DeepSpeed buffers, ZeRO-3's recorded fetch order
         step()
     probe = StepProbe()
     with probe:
-        step()
+        out = step()
+    if not bool(out["finite"]):
+        raise RuntimeError("non-finite loss in the counted step")
     summary = probe.summary()
     summary.pop("peak_tensor_gib"), summary.pop("peak_phase")  # only new tensors are tracked here
     return {

@@ -64,7 +64,7 @@ EOF
 # that must not stop the CUDA tests, so collection errors are tolerated and reported.
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
     log=$(mktemp)
-    timeout 150 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests >"$log" 2>&1
+    timeout 200 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests >"$log" 2>&1
     rc=$?
     cat "$log" >&2
     summary=$(tail -n 1 "$log" | tr -d '"=')

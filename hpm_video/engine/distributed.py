@@ -88,9 +88,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_ranks_true(flag: torch.Tensor) -> bool:
-    """True when ``flag`` (a 0-d bool tensor) holds on every rank; one host sync."""
+def any_rank_true(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` (a 0-d bool tensor) OR-ed over ranks, as a 0-d bool tensor on the same device.
+
+    No host sync: the value stays on the device (an NCCL all-reduce is queued like a kernel).
+    """
     value = flag.to(torch.int32).reshape(1)
     if dist.is_initialized() and world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.reshape(()).bool()

@@ -379,7 +379,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
             cfg.FINETUNE.LINEAR_PROBE,
         )  # fmt: skip
 
-    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS)
+    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS, engine)
     schedules = StepSchedules(cfg.SOLVER, base_lr, total_updates, warmup_updates)
     tracked = ("loss", "acc1")
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
@@ -387,7 +387,8 @@ def train(cfg: CfgNode) -> dict[str, str]:
         seed_all(epoch_seed(cfg.SEED, epoch) + rank)  # mixup draws from numpy's global RNG
         engine.train()
         sums = {k: torch.zeros((), device=device) for k in tracked}
-        count, skipped_window, window_start = 0, 0, time.perf_counter()
+        steps, finite_steps = 0, torch.zeros((), device=device)  # finite: counted on the device
+        skipped_window, window_start = 0, time.perf_counter()
         bar = run_log.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}")
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
@@ -401,33 +402,35 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 videos, targets = mixup(videos, labels)
             logits = engine(videos.half() if fp16 else videos)
             loss = criterion(logits.float(), targets)
-            if not guard.ok(loss, epoch, step):
-                bar.update(1)
-                continue
-            if backward_and_step(engine, loss) and ema is not None:
+            finite = guard.observe(loss)
+            # timm's EMA takes a float decay (a device weight would need a host read), so after an
+            # update the guard skipped, the EMA still takes its step toward the unchanged weights.
+            if backward_and_step(engine, loss, guard) is not None and ema is not None:
                 ema.update(module)
-            sums["loss"] += loss.detach().float()
+            sums["loss"] += torch.where(finite, loss.detach().float(), 0.0)
             # Accuracy against the unmixed labels (with mixing it is only a rough signal).
-            sums["acc1"] += (logits.detach().argmax(-1) == labels).float().mean() * 100
-            count += 1
+            sums["acc1"] += torch.where(finite, (logits.detach().argmax(-1) == labels).float().mean() * 100, 0.0)
+            steps, finite_steps = steps + 1, finite_steps + finite
             bar.update(1)
 
             if (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
-                stats, skipped_now = window_means(sums, count, skipped_window, device)
+                nonfinite_total = guard.check(epoch, step)  # stops the run before anything is saved
+                stats, skipped_now = window_means(sums, finite_steps, skipped_window, device)
                 skipped_total += skipped_now
                 grad_norm = engine.get_global_grad_norm()
                 stats.update(
                     epoch=epoch, lr=lr, weight_decay=wd,
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
-                    clips_per_s=count * clips_per_step(cfg) * world / max(elapsed, 1e-9),
-                    skipped_samples=skipped_total, nonfinite_steps=guard.total,
+                    clips_per_s=steps * clips_per_step(cfg) * world / max(elapsed, 1e-9),
+                    skipped_samples=skipped_total, nonfinite_steps=nonfinite_total,
                 )  # fmt: skip
                 run_log.log(engine.global_steps, stats)
                 bar.set_postfix({"loss": f"{stats['loss']:.4g}", "acc1": f"{stats['acc1']:.1f}", "lr": f"{lr:.2e}",
                                  "clips/s": f"{stats['clips_per_s']:.1f}", "skipped": skipped_total})  # fmt: skip
                 sums = {k: torch.zeros((), device=device) for k in tracked}
-                count, skipped_window, window_start = 0, 0, time.perf_counter()
+                steps, finite_steps = 0, torch.zeros((), device=device)
+                skipped_window, window_start = 0, time.perf_counter()
         bar.close()
 
         last = epoch + 1 == cfg.SOLVER.EPOCHS

@@ -70,11 +70,12 @@ def pretrain_step(
     mask_gen: torch.Generator,
     shard: tuple[int, int],
     guard: NonFiniteGuard,
-    epoch: int = 0,
-    step: int = 0,
-) -> dict[str, torch.Tensor] | None:
-    """One micro-step of the loop: mask noise, forward, the finite-loss guard, backward + DeepSpeed
-    step and, after an optimiser update, the teacher's EMA. ``None`` when the guard skipped it.
+) -> dict[str, torch.Tensor]:
+    """One micro-step of the loop: mask noise, forward, the finite-loss flag, backward + DeepSpeed
+    step and, after an optimiser update, the teacher's EMA. No host sync.
+
+    ``out["finite"]`` is the step's all-rank flag: a non-finite step's update is skipped on the
+    device (``NonFiniteGuard``) and its values must not be averaged.
 
     The noise is drawn here, outside the engine's forward: a ``torch.Generator`` argument would
     break a compiled graph.
@@ -82,10 +83,10 @@ def pretrain_step(
     module = engine.module
     noise = module.mask_noise(videos, mask_gen, shard=shard)
     out = engine(videos, alpha=alpha, noise=noise)
-    if not guard.ok(out["loss"], epoch, step):
-        return None
-    if backward_and_step(engine, out["loss"]):
-        module.update_teacher(ema_decay_value)
+    out["finite"] = guard.observe(out["loss"])
+    applied = backward_and_step(engine, out["loss"], guard)
+    if applied is not None:
+        module.update_teacher(ema_decay_value, applied)
     return out
 
 
@@ -130,7 +131,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     paths: dict[str, str] = {"log": run_log.path, "output_dir": cfg.OUTPUT_DIR}
     if latest:
         paths["checkpoint"] = latest
-    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS)
+    guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS, engine)
     schedules = StepSchedules(cfg.SOLVER, base_lr, total_updates, warmup_updates)
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
         loader.sampler.set_epoch(epoch)
@@ -141,7 +142,8 @@ def train(cfg: CfgNode) -> dict[str, str]:
         decay = ema_decay(epoch)
         engine.train()
         sums = {k: torch.zeros((), device=device) for k in TRACKED}
-        count, skipped_window, window_start = 0, 0, time.perf_counter()
+        steps, finite_steps = 0, torch.zeros((), device=device)  # finite: counted on the device
+        skipped_window, window_start = 0, time.perf_counter()
         vis_batch = None
         bar = run_log.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}")
         for step, batch in enumerate(loader):
@@ -153,34 +155,34 @@ def train(cfg: CfgNode) -> dict[str, str]:
             if vis_batch is None:
                 vis_batch = videos[: cfg.ENGINE.VIS_NUM_CLIPS].detach().clone()
 
-            out = pretrain_step(engine, videos, alpha, decay, mask_gen, (rank, world), guard, epoch, step)
-            if out is None:  # skipped: non-finite loss on some rank
-                bar.update(1)
-                continue
+            out = pretrain_step(engine, videos, alpha, decay, mask_gen, (rank, world), guard)
+            finite = out["finite"]
             for key in TRACKED:
-                if key in out:
-                    sums[key] += out[key].detach().float()
-            count += 1
+                if key in out:  # a skipped (non-finite) step adds nothing
+                    sums[key] += torch.where(finite, out[key].detach().float(), 0.0)
+            steps, finite_steps = steps + 1, finite_steps + finite
             bar.update(1)
 
             if (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
-                means, skipped_now = window_means(sums, count, skipped_window, device)
+                nonfinite_total = guard.check(epoch, step)  # stops the run before anything is saved
+                means, skipped_now = window_means(sums, finite_steps, skipped_window, device)
                 skipped_total += skipped_now
                 stats = {k: v for k, v in means.items() if k in out or k == "loss"}
                 grad_norm = engine.get_global_grad_norm()
                 stats.update(
                     epoch=epoch, alpha=alpha, lr=lr, weight_decay=wd, ema_decay=decay,
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
-                    clips_per_s=count * clips_per_step(cfg) * world / max(elapsed, 1e-9),
-                    skipped_samples=skipped_total, nonfinite_steps=guard.total,
+                    clips_per_s=steps * clips_per_step(cfg) * world / max(elapsed, 1e-9),
+                    skipped_samples=skipped_total, nonfinite_steps=nonfinite_total,
                 )  # fmt: skip
                 run_log.log(engine.global_steps, stats)
                 bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss_rec", "loss_pred", "rank_corr") if k in stats}
                                 | {"alpha": f"{alpha:.3f}", "lr": f"{lr:.2e}", "clips/s": f"{stats['clips_per_s']:.1f}",
                                    "skipped": skipped_total})  # fmt: skip
                 sums = {k: torch.zeros((), device=device) for k in TRACKED}
-                count, skipped_window, window_start = 0, 0, time.perf_counter()
+                steps, finite_steps = 0, torch.zeros((), device=device)
+                skipped_window, window_start = 0, time.perf_counter()
         bar.close()
 
         last = epoch + 1 == cfg.SOLVER.EPOCHS

@@ -41,35 +41,82 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class NonFiniteGuard:
-    """Skips steps whose loss is not finite on some rank, and stops the run after too many in a row."""
+    """Skips the optimiser updates of steps whose loss is not finite on some rank, and stops the run
+    after ``max_in_row`` such steps in a row, without a host sync per step.
 
-    def __init__(self, max_in_row: int) -> None:
+    Everything per step stays on the device:
+
+    * ``observe`` turns the loss into an all-rank "finite" flag and ORs it into ``found_inf``, which
+      is attached to the torch optimiser: fused AdamW then leaves weights, moments and its step
+      count untouched for the whole accumulation round (the hook ``torch.amp.GradScaler`` uses);
+    * the loop masks the values it averages with the flag, and the teacher's EMA step with
+      ``found_inf``;
+    * the counters (total, current run, longest run since the last read) are read by ``check`` at
+      log steps, which warns and stops the run, so a stop comes at the first log step after the
+      ``max_in_row``-th bad step.
+
+    DeepSpeed's step counter still advances on a skipped update, so the lr schedule (a function of
+    ``engine.global_steps``) moves on as after any other step.
+    """
+
+    def __init__(self, max_in_row: int, engine) -> None:
         self.max_in_row = max_in_row
-        self.in_row = 0
-        self.total = 0
+        self.total = 0  # host copy, refreshed by ``check``
+        device = next(engine.module.parameters()).device
+        # 1.0 while the current accumulation round has seen a non-finite loss.
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self._counts = torch.zeros(3, dtype=torch.int64, device=device)  # total, in a row, longest run
+        self._reported = 0
+        # The client (torch) optimiser does the update at every ZeRO stage and precision; DeepSpeed's
+        # wrappers call its ``step``, which reads this attribute.
+        engine.client_optimizer.found_inf = self.found_inf
 
-    def ok(self, loss: torch.Tensor, epoch: int, step: int) -> bool:
-        """True to go on with the step. One flag per step, agreed by all ranks, so they skip together."""
-        if dist_utils.all_ranks_true(torch.isfinite(loss)):
-            self.in_row = 0
-            return True
-        self.in_row += 1
-        self.total += 1
-        logger.warning("non-finite loss at epoch %d step %d: step skipped (%d in a row)", epoch, step, self.in_row)
-        if self.in_row >= self.max_in_row:
+    def observe(self, loss: torch.Tensor) -> torch.Tensor:
+        """The micro-step's flag: a 0-d bool tensor, True when the loss is finite on every rank."""
+        bad = dist_utils.any_rank_true(~torch.isfinite(loss.detach()))
+        torch.maximum(self.found_inf, bad.float(), out=self.found_inf)
+        total, in_row, longest = self._counts.unbind()
+        bad_long = bad.long()
+        in_row = (in_row + 1) * bad_long
+        self._counts.copy_(torch.stack([total + bad_long, in_row, torch.maximum(longest, in_row)]))
+        return ~bad
+
+    def end_round(self) -> None:
+        """After the optimiser step of an accumulation round: the next round starts clean."""
+        self.found_inf.zero_()
+
+    def check(self, epoch: int, step: int) -> int:
+        """At a log step (one read-back): warn about new skipped steps, stop after too many in a
+        row; returns the run's total of non-finite steps."""
+        self.total, in_row, longest = self._counts.tolist()
+        self._counts[2] = in_row  # the longest run is counted again from the current one
+        new = self.total - self._reported
+        self._reported = self.total
+        if new:
+            logger.warning("non-finite loss on %d step(s) up to epoch %d step %d: their updates were skipped "
+                           "(%d in a row at most)", new, epoch, step, longest)  # fmt: skip
+        if longest >= self.max_in_row:
             raise RuntimeError(
-                f"{self.in_row} non-finite losses in a row (epoch {epoch}, step {step}); stopping. "
+                f"{longest} non-finite losses in a row (by epoch {epoch}, step {step}); stopping. "
                 "Lower SOLVER.BASE_LR, use bf16 instead of fp16, or check the data."
             )
-        return False
+        return self.total
 
 
-def backward_and_step(engine, loss: torch.Tensor) -> bool:
-    """DeepSpeed backward + step; True when this micro-step ended in an optimiser update."""
+def backward_and_step(engine, loss: torch.Tensor, guard: NonFiniteGuard) -> torch.Tensor | None:
+    """DeepSpeed backward + step. ``None`` when this micro-step ended no accumulation round; else a
+    0-d float tensor on the device, 1.0 when the round's update was applied and 0.0 when it was
+    skipped (by the guard's ``found_inf``, or by DeepSpeed: fp16 overflow, ZeRO's non-finite norm).
+    """
     engine.backward(loss)
     before = engine.global_steps
     engine.step()
-    return engine.global_steps != before
+    if engine.global_steps == before:
+        return None
+    # DeepSpeed's own verdict is a host bool it has already read; the guard's stays on the device.
+    applied = 1.0 - guard.found_inf if engine.was_step_applied() else torch.zeros_like(guard.found_inf)
+    guard.end_round()
+    return applied
 
 
 def clips_per_step(cfg) -> int:
@@ -92,13 +139,16 @@ def epoch_steps(num_batches: int, num_samples: int, cfg, world: int) -> tuple[in
     return steps, steps // accum
 
 
-def window_means(sums: dict[str, torch.Tensor], count: int, skipped: int, device) -> tuple[dict[str, float], int]:
-    """Means over every rank's steps in a log window, and the files skipped in it on all ranks.
+def window_means(
+    sums: dict[str, torch.Tensor], count: torch.Tensor, skipped: int, device
+) -> tuple[dict[str, float], int]:
+    """Means over every rank's counted steps in a log window (``count``: a device tensor), and the
+    files skipped in it on all ranks.
 
     One collective and one read-back for everything (all ranks must log at the same steps).
     """
     names = list(sums)
-    counters = torch.tensor([count, skipped], dtype=torch.float32, device=device)
+    counters = torch.stack([count.float(), torch.tensor(float(skipped), device=device)])
     *totals, steps, skipped_all = dist_utils.all_reduce_sum(
         torch.cat([torch.stack([sums[k].float() for k in names]), counters])
     ).tolist()

@@ -237,14 +237,25 @@ class HPMPretrainModel(nn.Module):
         return teacher, student
 
     @torch.no_grad()
-    def update_teacher(self, decay: float) -> None:
-        """teacher <- decay * teacher + (1 - decay) * student, in a few fused ``_foreach`` kernels."""
+    def update_teacher(self, decay: float, applied: torch.Tensor | None = None) -> None:
+        """teacher <- decay * teacher + (1 - decay) * student, in a few fused ``_foreach`` kernels.
+
+        ``applied``: a 0-d device tensor, 0.0 when the student's last update was skipped (the
+        teacher then stays as it is). Read on the device, as a weight, so there is no host sync.
+        """
         teacher, student = self.ema_pairs()
         if not teacher:
             return
         if teacher[0].dtype != student[0].dtype:
             student = [s.to(teacher[0].dtype) for s in student]
-        torch._foreach_lerp_(teacher, student, 1.0 - decay)
+        if applied is None:
+            torch._foreach_lerp_(teacher, student, 1.0 - decay)
+            return
+        # lerp takes a tensor weight only per tensor (or through .item()); t + w * (s - t) is the
+        # same formula in three fused passes.
+        delta = torch._foreach_sub(student, teacher)
+        torch._foreach_mul_(delta, applied.to(teacher[0].dtype) * (1.0 - decay))
+        torch._foreach_add_(teacher, delta)
 
     def train(self, mode: bool = True) -> HPMPretrainModel:
         super().train(mode)
