@@ -1,16 +1,17 @@
 """Run by test_nonfinite_guard.py and test_cuda.py in a subprocess (DeepSpeed needs its own process
 group): rounds of the training loop's step with a NaN clip in one of them, printing what changed as
 JSON. On CUDA, two more rounds first run under CUDA's sync debug mode, which raises on any host sync
-(except with ``nosync=skip``: DeepSpeed's ZeRO-1..3 read their gradient norm back).
+(except with ``--no-sync-check``: DeepSpeed's ZeRO-3 reads its gradient norm back). ``--optimizer lars``
+uses timm's LARS (the linear probe's), which cannot skip on the device.
 
-    python tests/nonfinite_step.py STAGE ACCUM OUTPUT_DIR [cpu|cuda] [nosync=check|skip]
+    python tests/nonfinite_step.py --stage 0 --accum 2 --output-dir DIR [--device cuda] [--optimizer lars]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -37,18 +38,25 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
     return sorted(k for k in before if not torch.equal(before[k], after[k]))
 
 
-def main(stage: int, accum: int, out_dir: str, device_name: str = "cpu", nosync: str = "nosync=check") -> None:
-    precision = "bf16" if device_name == "cuda" else "fp32"
+def main(args: argparse.Namespace) -> None:
+    accum = args.accum
+    precision = "bf16" if args.device == "cuda" else "fp32"
     cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), [
-        "OUTPUT_DIR", out_dir, "ENGINE.ZERO_STAGE", str(stage), "SOLVER.ACCUM_STEPS", str(accum),
-        "ENGINE.DEVICE", device_name, "ENGINE.PRECISION", precision,
+        "OUTPUT_DIR", args.output_dir, "ENGINE.ZERO_STAGE", str(args.stage), "SOLVER.ACCUM_STEPS", str(accum),
+        "ENGINE.DEVICE", args.device, "ENGINE.PRECISION", precision,
         "MODEL.INPUT_SIZE", "32", "MODEL.NUM_FRAMES", "4", "MODEL.DEPTH", "1", "MODEL.DECODER_DEPTH", "1",
         "ENGINE.MAX_BAD_STEPS", "2",
     ])  # fmt: skip
     dist_utils.fill_rendezvous_env()
     device, _, _ = start_run(cfg)
     torch.manual_seed(0)
-    engine, _ = initialize(create_model(cfg.MODEL.NAME, **model_kwargs(cfg)), cfg, device, 2)
+    model = create_model(cfg.MODEL.NAME, **model_kwargs(cfg))
+    optimizer = None
+    if args.optimizer == "lars":
+        from timm.optim import Lars
+
+        optimizer = Lars(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
+    engine, _ = initialize(model, cfg, device, 2, optimizer)
     guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS, engine)
     generator = torch.Generator(device=device).manual_seed(0)
     good = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
@@ -64,7 +72,7 @@ def main(stage: int, accum: int, out_dir: str, device_name: str = "cpu", nosync:
         return flags
 
     one_round(good)  # the optimiser state exists from here on
-    if device.type == "cuda" and nosync == "nosync=check":
+    if device.type == "cuda" and not args.no_sync_check:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any host sync in the loop's step raises
         try:
@@ -89,6 +97,8 @@ def main(stage: int, accum: int, out_dir: str, device_name: str = "cpu", nosync:
             for group, prefix in (("teacher", "param/teacher."), ("encoder", "param/encoder."), ("optim", "optim/"))
         },
         "nonfinite_total": total_after_bad,
+        "on_device": guard.on_device,
+        "all_finite": all(bool(torch.isfinite(v).all()) for v in after_good.values() if v.is_floating_point()),
     }
     for _ in range(2):  # two bad micro-steps in a row: the next check stops the run
         pretrain_step(engine, bad, 0.5, 0.9, generator, (0, 1), guard)
@@ -101,4 +111,11 @@ def main(stage: int, accum: int, out_dir: str, device_name: str = "cpu", nosync:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--stage", type=int, default=0)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"])
+    parser.add_argument("--no-sync-check", action="store_true")
+    main(parser.parse_args())

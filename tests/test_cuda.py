@@ -134,9 +134,8 @@ def test_training_step_has_no_host_sync(masking):
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_training_loop_step_on_deepspeed_has_no_host_sync_and_skips_nan_rounds(stage, tmp_path):
-    """The loop's whole step (noise, forward, finite-loss guard, DeepSpeed backward and step, EMA) at
-    ZeRO-0 under CUDA's sync debug mode; at ZeRO-2 DeepSpeed reads its norm's validity itself, so
-    there only the skip is checked."""
+    """The loop's whole step (noise, forward, finite-loss guard, DeepSpeed backward and step, EMA)
+    at ZeRO-0 and -2 under CUDA's sync debug mode, then the skip of a NaN round."""
     import json
     import os
     import subprocess
@@ -146,8 +145,8 @@ def test_training_loop_step_on_deepspeed_has_no_host_sync_and_skips_nan_rounds(s
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(repo, "tests", "nonfinite_step.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    args = [sys.executable, script, str(stage), "2" if stage == 0 else "1", str(tmp_path), "cuda",
-            "nosync=check" if stage == 0 else "nosync=skip"]
+    args = [sys.executable, script, "--stage", str(stage), "--accum", "2", "--output-dir", str(tmp_path),
+            "--device", "cuda"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=repo, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -97,6 +97,13 @@ def test_deepspeed_config_from_cfg():
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 5.0 and ds["zero_optimization"]["stage"] == 3
     assert "fp16" not in ds and "torch_autocast" not in ds
+    assert "compute_grad_norm" not in ds["zero_optimization"]  # ZeRO-3 has no such option
+    # ZeRO-1/2 without clipping: no gradient norm (nothing reads it; the guard catches NaN updates).
+    zero2 = load_config(os.path.join(REPO, "configs/demo.yaml"), ["ENGINE.ZERO_STAGE", "2"])
+    assert deepspeed_config(zero2, torch.device("cpu"))["zero_optimization"]["compute_grad_norm"] is False
+    zero2.defrost()
+    zero2.SOLVER.CLIP_GRAD = 1.0
+    assert "compute_grad_norm" not in deepspeed_config(zero2, torch.device("cpu"))["zero_optimization"]
     bf16 = load_config(os.path.join(REPO, "configs/demo.yaml"), ["ENGINE.PRECISION", "bf16"])
     assert deepspeed_config(bf16, torch.device("cpu"))["torch_autocast"]["dtype"] == "bfloat16"
     fp16 = load_config(os.path.join(REPO, "configs/demo.yaml"), ["ENGINE.PRECISION", "fp16"])

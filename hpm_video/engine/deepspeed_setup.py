@@ -35,6 +35,11 @@ def deepspeed_config(cfg: CfgNode, device: torch.device, micro_batch: int | None
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.ENGINE.ZERO_STAGE in (1, 2) and cfg.SOLVER.CLIP_GRAD <= 0 and precision != "fp16":
+        # Without clipping nothing needs the gradient norm, and ZeRO-1/2 would compute it every step
+        # (a pass over all gradients) and read its validity back to the host. The finite-loss guard
+        # already skips bad updates on the device. (fp16's loss scaler needs DeepSpeed's check.)
+        config["zero_optimization"]["compute_grad_norm"] = False
     if precision == "bf16":
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":

@@ -47,16 +47,21 @@ class NonFiniteGuard:
     Everything per step stays on the device:
 
     * ``observe`` turns the loss into an all-rank "finite" flag and ORs it into ``found_inf``, which
-      is attached to the torch optimiser: fused AdamW then leaves weights, moments and its step
-      count untouched for the whole accumulation round (the hook ``torch.amp.GradScaler`` uses);
-    * the loop masks the values it averages with the flag, and the teacher's EMA step with
-      ``found_inf``;
+      is attached to the torch optimiser: a fused torch optimiser then leaves weights, moments and
+      its step count untouched for the whole accumulation round (the hook ``torch.amp.GradScaler``
+      uses, marked by ``_step_supports_amp_scaling``);
+    * the loop masks the values it averages with the flag, and the teacher's EMA step with the
+      update's ``applied`` weight from ``backward_and_step``;
     * the counters (total, current run, longest run since the last read) are read by ``check`` at
       log steps, which warns and stops the run, so a stop comes at the first log step after the
       ``max_in_row``-th bad step.
 
-    DeepSpeed's step counter still advances on a skipped update, so the lr schedule (a function of
-    ``engine.global_steps``) moves on as after any other step.
+    An optimiser without that hook (timm's LARS for the linear probe) cannot skip on the device:
+    there ``observe`` reads the flag back (one host sync per step) and ``backward_and_step`` drops
+    a bad micro-step before its backward.
+
+    DeepSpeed's step counter still advances on an update skipped on the device, so the lr schedule
+    (a function of ``engine.global_steps``) moves on as after any other step.
     """
 
     def __init__(self, max_in_row: int, engine) -> None:
@@ -69,16 +74,23 @@ class NonFiniteGuard:
         self._reported = 0
         # The client (torch) optimiser does the update at every ZeRO stage and precision; DeepSpeed's
         # wrappers call its ``step``, which reads this attribute.
-        engine.client_optimizer.found_inf = self.found_inf
+        optimizer = engine.client_optimizer
+        self.on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        if self.on_device:
+            optimizer.found_inf = self.found_inf
+        self.drop_on_host = False  # host mode: the last observed micro-step was not finite
 
     def observe(self, loss: torch.Tensor) -> torch.Tensor:
         """The micro-step's flag: a 0-d bool tensor, True when the loss is finite on every rank."""
         bad = dist_utils.any_rank_true(~torch.isfinite(loss.detach()))
-        torch.maximum(self.found_inf, bad.float(), out=self.found_inf)
         total, in_row, longest = self._counts.unbind()
         bad_long = bad.long()
         in_row = (in_row + 1) * bad_long
         self._counts.copy_(torch.stack([total + bad_long, in_row, torch.maximum(longest, in_row)]))
+        if self.on_device:
+            torch.maximum(self.found_inf, bad.float(), out=self.found_inf)
+        else:
+            self.drop_on_host = bool(bad)
         return ~bad
 
     def end_round(self) -> None:
@@ -104,10 +116,13 @@ class NonFiniteGuard:
 
 
 def backward_and_step(engine, loss: torch.Tensor, guard: NonFiniteGuard) -> torch.Tensor | None:
-    """DeepSpeed backward + step. ``None`` when this micro-step ended no accumulation round; else a
-    0-d float tensor on the device, 1.0 when the round's update was applied and 0.0 when it was
-    skipped (by the guard's ``found_inf``, or by DeepSpeed: fp16 overflow, ZeRO's non-finite norm).
+    """DeepSpeed backward + step. ``None`` when this micro-step ended no accumulation round (or was
+    dropped by a host-mode guard); else a 0-d float tensor on the device, 1.0 when the round's
+    update was applied and 0.0 when it was skipped (by the guard's ``found_inf``, or by DeepSpeed:
+    fp16 overflow, ZeRO-3's non-finite norm).
     """
+    if guard.drop_on_host:
+        return None
     engine.backward(loss)
     before = engine.global_steps
     engine.step()
