@@ -1,8 +1,8 @@
 """Run by test_nonfinite_guard.py and test_cuda.py in a subprocess (DeepSpeed needs its own process
 group): rounds of the training loop's step with a NaN clip in one of them, printing what changed as
 JSON. On CUDA, two more rounds first run under CUDA's sync debug mode, which raises on any host sync
-(except with ``--no-sync-check``: DeepSpeed's ZeRO-3 reads its gradient norm back). ``--optimizer lars``
-uses timm's LARS (the linear probe's), which cannot skip on the device.
+(at ZeRO-0, 1 or 2: ZeRO-3 reads its gradient norm back by design). ``--optimizer lars`` uses timm's
+LARS (the linear probe's), which cannot skip on the device.
 
     python tests/nonfinite_step.py --stage 0 --accum 2 --output-dir DIR [--device cuda] [--optimizer lars]
 """
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> None:
         return flags
 
     one_round(good)  # the optimiser state exists from here on
-    if device.type == "cuda" and not args.no_sync_check:
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any host sync in the loop's step raises
         try:
@@ -117,5 +117,4 @@ if __name__ == "__main__":
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"])
-    parser.add_argument("--no-sync-check", action="store_true")
     main(parser.parse_args())
