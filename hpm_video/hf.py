@@ -6,10 +6,17 @@ Three layouts of the same weights:
   * **official VideoMAE** ``.pth``: ``{"model" | "module": state_dict}`` with the same keys, no model
     description (sizes are read off the tensor shapes; head counts and clip size are not stored);
   * **Hugging Face** ``VideoMAEForPreTraining`` / ``VideoMAEForVideoClassification``: split
-    ``query``/``key``/``value`` (no key bias), ``layernorm_before``/``layernorm_after``,
+    ``query``/``key``/``value``, ``layernorm_before``/``layernorm_after``,
     ``videomae.*`` / ``decoder.decoder_layers.*`` / ``classifier``.
 
 Facts about the HF implementation that the conversion accounts for:
+  * its attention biases changed across transformers releases: 4.x has ``q_bias``/``v_bias``
+    parameters; 5.x up to at least 5.17 has ``query``/``key``/``value`` biases (config
+    ``qkv_bias``); 5.24 has query and value biases only (config ``qv_bias``). Conversion follows
+    the installed release: it writes the config's ``qkv_bias`` (which all of them accept), names
+    the q/v biases as the built model does, and gives a model that has a key bias a zero one. A key
+    bias read from HF is dropped whatever its value: it adds ``q . b_k`` to every score of a query,
+    which the softmax cancels, so the outputs do not change;
   * its pretraining encoder has a final LayerNorm (``videomae.layernorm``) only when
     ``use_mean_pooling=False``, so pretraining configs are written with ``use_mean_pooling=False``
     and classifier configs with the classifier's own pooling choice;
@@ -32,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -57,7 +64,12 @@ _BLOCK_RENAMES = (
     ("mlp.fc2.", "output.dense."),
     ("attn.q_bias", "attention.attention.query.bias"),
     ("attn.v_bias", "attention.attention.value.bias"),
+    # transformers 4.x names (read only: writing takes the first match, the 5.x name, and
+    # match_hf_keys renames it for a 4.x model).
+    ("attn.q_bias", "attention.attention.q_bias"),
+    ("attn.v_bias", "attention.attention.v_bias"),
 )
+_HF_KEY_BIAS = "attention.attention.key.bias"
 _QKV_HF = ("attention.attention.query.weight", "attention.attention.key.weight", "attention.attention.value.weight")
 
 # Block containers and plain renames for the two model kinds, ours -> HF.
@@ -296,8 +308,28 @@ def to_hf_state_dict(
     return out, extras
 
 
+def match_hf_keys(hf_state: Mapping[str, torch.Tensor], model_keys: Collection[str]) -> dict[str, torch.Tensor]:
+    """``to_hf_state_dict``'s output in the attention-bias layout of the installed transformers
+    release, whose model has ``model_keys``: 4.x ``q_bias``/``v_bias`` names, a zero key bias
+    where the model has one (see the module docstring)."""
+    model_keys = set(model_keys)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        for new, old in (("q_bias", "query.bias"), ("v_bias", "value.bias")):
+            renamed = key[: -len(old)] + new
+            if key.endswith("attention.attention." + old) and key not in model_keys and renamed in model_keys:
+                key = renamed
+        out[key] = value
+        if key.endswith(("attention.attention.query.bias", "attention.attention.q_bias")):
+            key_bias = key[: -len("query.bias" if key.endswith("query.bias") else "q_bias")] + "key.bias"
+            if key_bias in model_keys:
+                out[key_bias] = torch.zeros_like(value)
+    return out
+
+
 def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """HF keys -> our keys, fusing query/key/value into ``qkv`` (a key bias must be absent or zero)."""
+    """HF keys -> our keys, fusing query/key/value into ``qkv``; a key bias is dropped (it does not
+    change the attention: see the module docstring)."""
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in hf_state.items():
@@ -305,9 +337,7 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], kind: str) -> dict[
         if matched is not None:
             pending.setdefault(key[: -len(matched)], {})[matched] = value
             continue
-        if key.endswith("attention.attention.key.bias"):
-            if bool(value.abs().max() > 0):
-                raise ValueError(f"{key} is non-zero; the fused qkv layout has no key bias")
+        if key.endswith(_HF_KEY_BIAS):
             continue
         ours = _rename(key, kind, to_hf=False)
         if ours is None:
@@ -373,7 +403,7 @@ def hf_config_for_model(model: nn.Module) -> Any:
         intermediate_size=hidden,
         hidden_act="gelu",
         layer_norm_eps=1e-6,
-        qv_bias=qv_bias,
+        qkv_bias=qv_bias,  # read as qv_bias by the releases that renamed it
     )
     if kind == PRETRAIN:
         if tuple(model.mean) != tuple(IMAGENET_DEFAULT_MEAN) or tuple(model.std) != tuple(IMAGENET_DEFAULT_STD):
@@ -423,7 +453,7 @@ def model_config_from_hf(config: Any, kind: str | None = None) -> tuple[str, dic
         num_frames=config.num_frames,
         tubelet_size=config.tubelet_size,
         mlp_ratio=config.intermediate_size / dim,
-        qkv_bias=bool(config.qv_bias),
+        qkv_bias=hf_qv_bias(config),
     )
     size = _size_name(dim, config.num_hidden_layers)
     if kind == CLASSIFIER:
@@ -451,6 +481,11 @@ def model_config_from_hf(config: Any, kind: str | None = None) -> tuple[str, dic
     return f"hpm_pretrain_vit_{size}_patch16", kwargs
 
 
+def hf_qv_bias(config: Any) -> bool:
+    """Whether a ``VideoMAEConfig`` has query/value biases (``qv_bias``, formerly ``qkv_bias``)."""
+    return bool(config.qv_bias if hasattr(config, "qv_bias") else config.qkv_bias)
+
+
 def hf_kind(config: Any) -> str:
     archs = list(getattr(config, "architectures", None) or [])
     if any("PreTraining" in a for a in archs):
@@ -470,7 +505,7 @@ def to_hf_model(model: nn.Module) -> nn.Module:
     hf_state, _ = to_hf_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, kind)
     cls = VideoMAEForPreTraining if kind == PRETRAIN else VideoMAEForVideoClassification
     hf_model = cls(config)
-    hf_model.load_state_dict(hf_state, strict=True)
+    hf_model.load_state_dict(match_hf_keys(hf_state, hf_model.state_dict()), strict=True)
     return hf_model.eval()
 
 

@@ -124,10 +124,28 @@ def random_mask(
     return _expand_units(unit_mask, grid, unit)
 
 
+def alpha_tensor(alpha: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """``alpha`` as the 0-d float64 tensor a training step passes to the model.
+
+    A compiled step must take alpha as a tensor: as a Python float, dynamo specialises it where it
+    meets a tensor comparison (torch 2.11 does so for every value), recompiling the step at each
+    epoch and giving up after ``torch._dynamo.config.recompile_limit`` values. ``torch.full`` writes
+    the value with a fill kernel, not a host-to-device copy, so this adds no host sync; float64
+    makes ``n * alpha`` round exactly as Python's ``int(n * alpha)`` does.
+    """
+    check_alpha(alpha)
+    return torch.full((), alpha, dtype=torch.float64, device=device)
+
+
+def check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
 def hard_mask(
     scores: torch.Tensor,
     mask_ratio: float,
-    alpha: float,
+    alpha: float | torch.Tensor,
     unit: str = "tube",
     generator: torch.Generator | None = None,
     shard: tuple[int, int] = (0, 1),
@@ -139,15 +157,18 @@ def hard_mask(
     masked; the rest are drawn uniformly from the remaining units. Vectorised as: uniform noise in
     [0, 1), the hard units lifted to +inf, then the top ``n`` of that priority. ``noise`` as in
     ``random_mask``. (Ties in ``scores`` at the hard cut are broken by ``topk``.)
+
+    ``alpha`` is a float, or a 0-d tensor from ``alpha_tensor`` (what the training loop passes; a
+    tensor is never range-checked here, which would read it back).
     """
     check_choice("mask unit", unit, MASK_UNITS)
     if scores.ndim != 3:
         raise ValueError(f"scores must be (B, T', S), got shape {tuple(scores.shape)}")
-    compiling = torch.compiler.is_compiling()
-    # Not while compiling: a Python test on alpha would pin the graph to its value (the loop's alpha
-    # comes from easy_to_hard_alpha, in [0, 1] by construction).
-    if not compiling and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    # A tensor alpha, or any alpha under compilation, takes the form in which alpha is only a
+    # tensor operand: a Python test or an int(n * alpha) shape would pin a graph to its value.
+    alpha_as_operand = isinstance(alpha, torch.Tensor) or torch.compiler.is_compiling()
+    if not alpha_as_operand:
+        check_alpha(alpha)
     batch, time_slots, spatial = scores.shape
     grid = (time_slots, spatial)
     # (B, S) for tubes: a tube is as hard as its time-averaged tokens; (B, T'*S) for tokens.
@@ -155,11 +176,10 @@ def hard_mask(
     num_units = unit_scores.shape[1]
     n_mask = num_masked_per_unit_row(num_units, mask_ratio)
     noise = _noise_or_draw(noise, batch, num_units, generator, scores.device, shard)
-    if compiling:
-        # The n best-scored units in order, of which the first int(n * alpha) are lifted; alpha
-        # enters only as a tensor operand (rank + 1 <= n * alpha), never as a shape or a Python
-        # int, so a compiled step keeps one graph while alpha grows over training. (Eager mode
-        # takes the cheaper top-n_hard below; tests check both give the same masks.)
+    if alpha_as_operand:
+        # The n best-scored units in order, of which the first int(n * alpha) are lifted
+        # (rank + 1 <= n * alpha): one graph for every alpha. Eager float alpha takes the cheaper
+        # top-n_hard below; tests check both give the same masks.
         ranked = torch.topk(unit_scores, n_mask, dim=1, sorted=True).indices  # (B, n)
         is_hard = torch.arange(1, n_mask + 1, device=scores.device) <= n_mask * alpha  # (n,)
         noise = noise.scatter(1, ranked, torch.where(is_hard, float("inf"), noise.gather(1, ranked)))
@@ -224,7 +244,7 @@ class MaskGenerator:
     def hard(
         self,
         scores: torch.Tensor,
-        alpha: float,
+        alpha: float | torch.Tensor,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
         noise: torch.Tensor | None = None,

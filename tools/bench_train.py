@@ -38,6 +38,7 @@ import torch
 
 import hpm_video  # noqa: F401  (registers the models; imports neither fvcore nor deepspeed nor av)
 from hpm_video.engine import COMPILE_MODES
+from hpm_video.masking import alpha_tensor
 from hpm_video.models import PRETRAIN_MODELS, create_model, ema_decay
 
 # Peak dense bf16 tensor-core TFLOP/s, matched against torch.cuda.get_device_name() in this order.
@@ -106,10 +107,11 @@ def _plain_step(args: argparse.Namespace, device: torch.device, videos: torch.Te
     decay = ema_decay(0)
 
     def step() -> torch.Tensor:
-        # As the training loop does: mask noise drawn outside the (compiled) forward.
+        # As the training loop does: mask noise drawn outside the (compiled) forward, alpha a tensor.
         noise = model.mask_noise(videos, mask_generator)
+        alpha = alpha_tensor(args.alpha, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = forward(videos, alpha=args.alpha, noise=noise)["loss"]
+            loss = forward(videos, alpha=alpha, noise=noise)["loss"]
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

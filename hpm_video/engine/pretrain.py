@@ -33,7 +33,7 @@ from hpm_video.engine.steps import (
     start_run,
     window_means,
 )
-from hpm_video.masking import easy_to_hard_alpha
+from hpm_video.masking import alpha_tensor, easy_to_hard_alpha
 from hpm_video.models import create_model, ema_decay
 
 logger = logging.getLogger("hpm_video.pretrain")
@@ -78,11 +78,12 @@ def pretrain_step(
     device (``NonFiniteGuard``) and its values must not be averaged.
 
     The noise is drawn here, outside the engine's forward: a ``torch.Generator`` argument would
-    break a compiled graph.
+    break a compiled graph; alpha goes in as a device tensor, which a compiled graph does not
+    specialise on (``masking.alpha_tensor``).
     """
     module = engine.module
     noise = module.mask_noise(videos, mask_gen, shard=shard)
-    out = engine(videos, alpha=alpha, noise=noise)
+    out = engine(videos, alpha=alpha_tensor(alpha, videos.device), noise=noise)
     out["finite"] = guard.observe(out["loss"])
     applied = backward_and_step(engine, out["loss"], guard)
     if applied is not None:

@@ -316,7 +316,7 @@ class HPMPretrainModel(nn.Module):
     def generate_mask(
         self,
         videos: torch.Tensor,
-        alpha: float = 0.0,
+        alpha: float | torch.Tensor = 0.0,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
         noise: torch.Tensor | None = None,
@@ -382,7 +382,7 @@ class HPMPretrainModel(nn.Module):
     def forward(
         self,
         videos: torch.Tensor,
-        alpha: float = 0.0,
+        alpha: float | torch.Tensor = 0.0,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
