@@ -15,12 +15,20 @@ from einops import rearrange
 PRED_LOSSES = ("relative", "absolute")
 
 
+def _per_channel(values: Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(1, C, 1, 1, 1)`` on ``like``'s device. Python numbers are copied from the host, which
+    makes a CUDA device wait: a training step passes tensors already there (the model's buffers)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+    return like.new_tensor(values).view(1, -1, 1, 1, 1)
+
+
 def patchify_targets(
     videos: torch.Tensor,
     tubelet_size: int,
     patch_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
     normalize: bool = True,
 ) -> torch.Tensor:
     """Reconstruction targets ``(B, N, tubelet * p * p * C)`` from normalised clips ``(B, C, T, H, W)``.
@@ -31,9 +39,7 @@ def patchify_targets(
     fp32 whatever the input dtype, since a bf16 variance is too coarse for the target.
     """
     x = videos.float()
-    mean_t = x.new_tensor(mean).view(1, -1, 1, 1, 1)
-    std_t = x.new_tensor(std).view(1, -1, 1, 1, 1)
-    x = x * std_t + mean_t
+    x = x * _per_channel(std, x) + _per_channel(mean, x)
     tubes = rearrange(
         x,
         "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c",

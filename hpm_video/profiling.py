@@ -7,9 +7,12 @@ of code that issued them, and follows every tensor storage's lifetime to give th
 tensor memory. Under ``FakeTensorMode`` nothing is computed, so a full-size ViT-L step is counted
 in seconds on a laptop CPU; ``tools/bench_step_counts.py`` does that.
 
-What it cannot see: copies a CPU run never makes (``.cpu()`` of a CPU tensor is a no-op), and the
-CUDA caching allocator's rounding and fragmentation (the peak here is the bytes of live tensors,
-a lower bound of ``torch.cuda.max_memory_allocated``).
+A tensor made from host values (``torch.tensor``, ``new_tensor``, ``as_tensor`` of Python numbers,
+seen as ``lift_fresh``) is listed too: on a CUDA device it is a blocking host-to-device copy.
+
+What it cannot see: other copies a CPU run never makes (``.cpu()`` or ``.to(device)`` of a CPU
+tensor is a no-op), and the CUDA caching allocator's rounding and fragmentation (the peak here is
+the bytes of live tensors, a lower bound of ``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ SYNC_OPS = frozenset({
     "repeat_interleave",  # without output_size it reads the repeats back
     "_assert_scalar",
 })  # fmt: skip
+
+# A tensor made from host values (torch.tensor, new_tensor, as_tensor): on CUDA a blocking copy.
+HOST_DATA_OPS = frozenset({"lift_fresh", "lift_fresh_copy"})
 
 # Indexing with a boolean mask needs the mask's nonzero count on the host (on CUDA).
 MASK_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
@@ -140,7 +146,7 @@ class StepProbe(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         name = func._overloadpacket.__name__
         self.ops[name] += 1
-        if name in SYNC_OPS or (name in MASK_INDEX_OPS and _has_mask_index(args)):
+        if name in SYNC_OPS or name in HOST_DATA_OPS or (name in MASK_INDEX_OPS and _has_mask_index(args)):
             self.syncs[f"{name} @ {_call_site()}"] += 1
         if func.is_view or name in NO_KERNEL_OPS:
             self.views[self.current_phase] += 1

@@ -4,7 +4,7 @@ import torch
 
 import hpm_video  # noqa: F401
 from hpm_video.models import HPMPretrainModel, create_model, ema_decay
-from hpm_video.models.layers import sincos_position_table
+from hpm_video.models.layers import TubePatchEmbed, sincos_position_table
 
 TINY = dict(
     img_size=32, patch_size=8, num_frames=4, tubelet_size=2,
@@ -72,6 +72,22 @@ def test_position_table_layout():
     pos, j = 3, 4
     assert table[pos, j].item() == pytest.approx(torch.sin(torch.tensor(pos / 10000 ** (2 * (j // 2) / 6))).item())
     assert table[pos, j + 1].item() == pytest.approx(torch.cos(torch.tensor(pos / 10000 ** (2 * (j // 2) / 6))).item())
+
+
+def test_tube_embedding_is_the_convolution_and_embeds_chosen_tubes_alone():
+    """The matrix form equals the Conv3d it keeps the weights of; with ``ids`` it gives exactly the
+    rows of those tokens (the visible ones, in pretraining), for clips and images."""
+    torch.manual_seed(0)
+    for frames, tubelet, shape in ((8, 2, (2, 3, 8, 32, 48)), (1, 1, (2, 3, 32, 48))):
+        embed = TubePatchEmbed((32, 48), 16, 3, 24, frames, tubelet)
+        x = torch.randn(*shape)
+        conv = embed.proj(x if x.ndim == 5 else x.unsqueeze(2)).flatten(2).transpose(1, 2)  # (B, N, D)
+        every = embed(x)
+        torch.testing.assert_close(every, conv, rtol=1e-5, atol=1e-5)
+        ids = torch.stack([torch.randperm(every.shape[1])[:5].sort().values for _ in range(2)])
+        chosen = embed(x, ids)
+        assert chosen.shape == (2, 5, 24)
+        torch.testing.assert_close(chosen, torch.stack([every[b, ids[b]] for b in range(2)]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("masking,predictor", [("random", False), ("random", True), ("hpm", True)])

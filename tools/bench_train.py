@@ -11,8 +11,8 @@ around it; its timed loop never reads a value back to the host, and one synchron
 closes the timing (and checks the losses are finite). ``--zero STAGE`` times the training loop's
 own step instead (``hpm_video.engine.pretrain.pretrain_step`` on a one-process DeepSpeed engine at
 that ZeRO stage, with ``ENGINE.COMPILE`` for ``--compile``): the difference between the two is the
-engine's cost (the loop's step reads nothing back at ZeRO-0, 1 and 2; at ZeRO-3 DeepSpeed reads
-its gradient norm's validity once per step).
+engine's cost (the loop's step makes the host wait for nothing at ZeRO-0, 1 and 2; at ZeRO-3
+DeepSpeed's gradient norm does, three times per step).
 
 Reported: clips/s, step time, peak memory (CUDA ``max_memory_allocated``, or the process's peak RSS
 on CPU), model TFLOP/s from the training FLOPs per clip (``hpm_video.flops``: 3 x the student's

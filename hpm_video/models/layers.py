@@ -59,6 +59,12 @@ class TubePatchEmbed(nn.Module):
 
     Tokens come out flattened in ``(t, h, w)`` order. An image is a one-frame clip with
     ``tubelet_size=1``.
+
+    The weight is a ``Conv3d``'s (checkpoint keys ``proj.weight``/``proj.bias``), but the forward is
+    a matrix product of each tube's pixels with it viewed as ``(D, C*t*p*p)``: a convolution whose
+    stride equals its kernel computes exactly that, and cuDNN's kernels for such convolutions are
+    slow in some bf16 configurations (transformers #45750, sglang #21014). The matrix form can also
+    embed only chosen tubes (``ids``): the pretraining encoder embeds the visible 10% of the clip.
     """
 
     def __init__(
@@ -102,11 +108,18 @@ class TubePatchEmbed(nn.Module):
         check_divisible(t, h, w, self.tubelet_size, self.patch_size)
         return t // self.tubelet_size, h // self.patch_size, w // self.patch_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.token_grid(x)
-        x = as_clip(x)
-        x = self.proj(x)  # (B, D, T', H', W')
-        return rearrange(x, "b d t h w -> b (t h w) d")
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip -> every token ``(B, N, D)``; with ``ids`` ``(B, M)``, only those tokens ``(B, M, D)``."""
+        _, grid_h, grid_w = self.token_grid(x)
+        t, p = self.tubelet_size, self.patch_size
+        # A view, no copy: each tube's pixels in the weight's (C, t, p, p) order.
+        tubes = rearrange(as_clip(x), "b c (gt t) (gh p) (gw q) -> b gt gh gw c t p q", t=t, p=p, q=p)
+        if ids is None:
+            tubes = tubes.flatten(1, 3)  # (B, N, C, t, p, p)
+        else:
+            rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)  # (B, 1)
+            tubes = tubes[rows, ids // (grid_h * grid_w), ids // grid_w % grid_h, ids % grid_w]  # (B, M, C, t, p, p)
+        return F.linear(tubes.flatten(2), self.proj.weight.flatten(1), self.proj.bias)  # (B, N or M, D)
 
 
 def as_clip(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ released pretrain checkpoints (``encoder.*``, ``encoder_to_decoder.weight``, ``m
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -75,11 +76,16 @@ class PretrainEncoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Clip ``(B, C, T, H, W)`` -> latent ``(B, N_vis, D)``; every token when ``ids_keep`` is None."""
-        x = self.patch_embed(x)  # (B, N, D)
-        x = x + self.pos_embed(x.shape[1]).to(x.dtype)
+        """Clip ``(B, C, T, H, W)`` -> latent ``(B, N_vis, D)``; every token when ``ids_keep`` is None.
+
+        Only the visible tubes are embedded: the others would be dropped right after.
+        """
+        num_tokens = math.prod(self.patch_embed.token_grid(x))
+        pos = self.pos_embed(num_tokens)  # (1, N, D)
+        x = self.patch_embed(x, ids_keep)  # (B, N_vis, D)
         if ids_keep is not None:
-            x = gather_tokens(x, ids_keep)  # (B, N_vis, D)
+            pos = pos[0][ids_keep]  # (B, N_vis, D)
+        x = x + pos.to(x.dtype)
         x = self.blocks(x)
         return self.norm(x)
 
@@ -159,6 +165,10 @@ class HPMPretrainModel(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.mean = tuple(mean)
         self.std = tuple(std)
+        # The same values on the model's device, for the targets: a tensor made from Python numbers
+        # in the step would be a blocking host-to-device copy on a GPU. Not saved in checkpoints.
+        self.register_buffer("pixel_mean", torch.tensor(self.mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.std, dtype=torch.float32), persistent=False)
         self.patch_size = patch_size
         self.tubelet_size = tubelet_size
         self.in_chans = in_chans
@@ -361,7 +371,7 @@ class HPMPretrainModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             target = patchify_targets(
-                videos, self.tubelet_size, self.patch_size, self.mean, self.std, self.norm_pix_loss
+                videos, self.tubelet_size, self.patch_size, self.pixel_mean, self.pixel_std, self.norm_pix_loss
             )
             target = gather_tokens(target, ids_masked)  # (B, M, patch_dim)
         token_loss = per_token_mse(reconstruction, target)  # (B, M)
