@@ -68,6 +68,30 @@ def test_pyav_exact_frames_from_synthetic_video(tmp_path) -> None:
             np.testing.assert_allclose(got, levels[[24, 0, 13]], atol=2)
 
 
+def test_mis_encoded_metadata_does_not_stop_pyav(tmp_path) -> None:
+    """A title tag that is not UTF-8 (PyAV < 19 refuses such a file by default; 19 lets it through)."""
+    import av
+
+    levels = np.arange(0, 250, 50, dtype=np.uint8)
+    frames = np.repeat(levels[:, None, None, None], 32 * 32 * 3).reshape(len(levels), 32, 32, 3)
+    path = str(tmp_path / "tagged.mkv")
+    with av.open(path, "w", format="matroska") as container:
+        container.metadata["title"] = "QQQQQQQQ"
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    data = open(path, "rb").read()
+    assert data.count(b"QQQQQQQQ") == 1
+    with open(path, "wb") as f:
+        f.write(data.replace(b"QQQQQQQQ", b"\xff\xfe\xfd\xfc" * 2))  # same length: the file stays valid
+    with open_video(path, backend="pyav", fallback=False) as r:
+        assert r.num_frames == len(levels)
+        got = r.get_frames([4, 0]).reshape(2, -1).mean(axis=1)
+        np.testing.assert_allclose(got, levels[[4, 0]], atol=6)
+
+
 def test_auto_backend_recovers_from_a_real_decord_failure(tmp_path) -> None:
     # decord 0.6.0 fails to copy out frames 48 pixels wide (a buffer size check); FFmpeg reads them.
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 48, 3), dtype=np.uint8)

@@ -12,8 +12,16 @@
 # Environment: PY312 (a Python 3.12 interpreter), MIRROR (the venv's folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY312=${PY312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -n 1 || true)}
-if [ -z "$PY312" ]; then
+# The first candidate that really is a Python 3.12 (a pyenv shim may exist and refuse to run).
+if [ -z "${PY312:-}" ]; then
+    for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python /usr/bin/python3.12; do
+        if "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; then
+            PY312=$candidate
+            break
+        fi
+    done
+fi
+if [ -z "${PY312:-}" ]; then
     echo "no Python 3.12 found; set PY312" >&2
     exit 2
 fi

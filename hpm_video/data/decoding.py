@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# PyAV before 19 decodes container metadata as strict UTF-8 unless told otherwise, so a file with
+# mis-encoded tags would not open; PyAV 19 dropped the option (and refuses it).
+PYAV_OPEN_OPTIONS: dict[str, str] = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
+
 
 class VideoDecodeError(Exception):
     """A video file could not be read. ``path`` is the file, ``reason`` says why."""
@@ -143,7 +147,7 @@ class PyAVReader(VideoReader):
         super().__init__(path)
         _check_file(path)
         try:
-            self._container = av.open(path, metadata_errors="ignore")
+            self._container = av.open(path, **PYAV_OPEN_OPTIONS)
         except Exception as e:  # FFmpeg raises many av.error subclasses; all mean "unreadable"
             raise VideoDecodeError(path, f"pyav cannot open the file: {e}") from e
         try:
