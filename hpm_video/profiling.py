@@ -8,11 +8,14 @@ tensor memory. Under ``FakeTensorMode`` nothing is computed, so a full-size ViT-
 in seconds on a laptop CPU; ``tools/bench_step_counts.py`` does that.
 
 A tensor made from host values (``torch.tensor``, ``new_tensor``, ``as_tensor`` of Python numbers,
-seen as ``lift_fresh``) is listed too: on a CUDA device it is a blocking host-to-device copy.
+seen as ``lift_fresh``) is listed too: on a CUDA device it is a blocking host-to-device copy. So is
+every copy between the CPU and another device (``.to(device)``, ``.cpu()``, ``copy_``), which a
+run on fake CUDA tensors shows (``tools/bench_step_counts.py --fake-device cuda``); a CPU run
+never makes one.
 
-What it cannot see: other copies a CPU run never makes (``.cpu()`` or ``.to(device)`` of a CPU
-tensor is a no-op), and the CUDA caching allocator's rounding and fragmentation (the peak here is
-the bytes of live tensors, a lower bound of ``torch.cuda.max_memory_allocated``).
+What it cannot see: the CUDA caching allocator's rounding and fragmentation (the peak here is the
+bytes of live tensors, a lower bound of ``torch.cuda.max_memory_allocated``), and syncs inside
+CUDA libraries (a stream synchronisation, a pageable copy inside an extension).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ SYNC_OPS = frozenset({
 # A tensor made from host values (torch.tensor, new_tensor, as_tensor): on CUDA a blocking copy.
 HOST_DATA_OPS = frozenset({"lift_fresh", "lift_fresh_copy"})
 
+# Copies that can cross devices: a CPU <-> device copy makes the host wait (pageable memory).
+COPY_OPS = frozenset({"_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"})
+
 # Indexing with a boolean mask needs the mask's nonzero count on the host (on CUDA).
 MASK_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 
@@ -68,6 +74,19 @@ def _call_site(skip_torch: bool = True) -> str:
             continue
         return f"{os.path.relpath(path) if path.startswith(os.getcwd()) else path}:{frame.lineno}:{frame.name}"
     return "?"
+
+
+def _host_device_copy(name: str, args: tuple, out: Any) -> str | None:
+    """``"cpu->cuda"`` / ``"cuda->cpu"`` when a copy operation moves data between host and device."""
+    src, dst = (args[1], args[0]) if name in ("copy_", "_copy_from_and_resize") else (args[0], out)
+    if name == "_copy_from":
+        dst = args[1]
+    if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)):
+        return None
+    kinds = (src.device.type, dst.device.type)
+    if "cpu" in kinds and "meta" not in kinds and kinds[0] != kinds[1]:
+        return f"{kinds[0]}->{kinds[1]}"
+    return None
 
 
 def _has_mask_index(args: tuple) -> bool:
@@ -153,6 +172,8 @@ class StepProbe(TorchDispatchMode):
         else:
             self.kernels[self.current_phase] += 1
         out = func(*args, **(kwargs or {}))
+        if name in COPY_OPS and (direction := _host_device_copy(name, args, out)):
+            self.syncs[f"{name} {direction} @ {_call_site()}"] += 1
         for leaf in tree_leaves(out):
             self._add_storage(leaf)
         return out

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -38,6 +39,37 @@ def test_probe_names_each_host_sync_and_where_it_was_asked_for():
     names = {key.split(" @ ")[0] for key in sites}
     assert {"_local_scalar_dense", "index", "_unique2", "lift_fresh"} <= names, names
     assert probe.kernels["other"] >= 3
+
+
+def test_probe_sees_copies_between_host_and_device_on_fake_cuda():
+    """What a CPU run never shows: on fake CUDA tensors, host <-> device copies are listed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hpm_video.objective import patchify_targets
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_device, on_host = torch.randn(4, device="cuda"), torch.randn(4)
+        clip = torch.randn(1, 3, 2, 16, 16, device="cuda")
+        with StepProbe() as probe:
+            on_host.to("cuda")
+            on_device.cpu()
+            on_device.copy_(on_host)
+            torch.full((), 0.5, device="cuda") * on_device  # a fill kernel: nothing crosses
+            patchify_targets(clip, 2, 16, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))  # mean/std from Python numbers
+    names = Counter(key.split(" @ ")[0] for key in probe.syncs.elements())
+    assert names == {"_to_copy cpu->cuda": 3, "_to_copy cuda->cpu": 1, "copy_ cpu->cuda": 1, "lift_fresh": 2}, names
+
+
+@pytest.mark.parametrize("masking", ["random", "hpm"])
+def test_fake_cuda_forward_and_ema_copy_nothing_from_the_host(masking, capsys):
+    """The model's forward (mask, teacher, gathers, targets, losses) and the EMA on fake CUDA
+    tensors: no copy between host and device, no read-back."""
+    tool = _tool()
+    assert tool.main(["--model", "hpm_pretrain_vit_tiny_patch16", "--frames", "4", "--size", "32", "--batch", "2",
+                      "--masking", masking, "--fake-device", "cuda"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"] == "cuda" and result["host_syncs"] == {}, result["host_syncs"]
+    assert result["kernels"]["forward"] > 50 and ("ema" in result["kernels"]) == (masking == "hpm")
 
 
 def test_probe_peak_counts_live_storages_once_and_frees_them():

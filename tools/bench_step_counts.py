@@ -12,6 +12,12 @@ gradients, AdamW state and activations; a lower bound of CUDA's ``max_memory_all
 with ``--graph-breaks``, ``torch._dynamo.explain``'s graph-break count of the training forward
 (run on a small real clip, as tracing needs values for nothing but is slow at full size).
 
+``--fake-device cuda``: the same on fake CUDA tensors, so that the copies a CPU run never makes
+(``.to("cuda")`` of a host tensor, ``.cpu()``, tensors made from host values) show as host syncs.
+Only the forward (mask, teacher, targets, losses) and the EMA run: PyTorch's autograd engine
+wants a real CUDA context for the backward, and the fused AdamW step is torch's own. Autocast is
+off (it needs a real CUDA device too), so kernel counts and memory differ from a bf16 step.
+
 ``--deepspeed STAGE``: the step the training loop runs (finite-loss guard, DeepSpeed backward and
 step at that ZeRO stage, EMA: ``engine.pretrain.pretrain_step``) on the CPU with the demo config;
 this counts the engine's own syncs. Its kernels are not split by phase.
@@ -49,6 +55,17 @@ def _model_step(model, optimizer, videos, amp_dtype, probe: StepProbe | None, al
             model.update_teacher(ema_decay(0))
 
 
+def _forward_and_ema(model, videos, probe: StepProbe, alpha: float) -> None:
+    """The parts of a step that run on fake CUDA tensors without a GPU (see the module docstring)."""
+    from hpm_video.masking import alpha_tensor
+
+    with probe.phase("forward"):
+        model(videos, alpha=alpha_tensor(alpha, videos.device))["loss"]
+    if model.teacher is not None:
+        with probe.phase("ema"):
+            model.update_teacher(ema_decay(0), torch.ones((), device=videos.device))
+
+
 def count_model_step(args: argparse.Namespace, fake: bool = True, **model_overrides: Any) -> dict[str, Any]:
     """Counts of one training step of ``args.model``; ``fake=False`` runs it for real (small models)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -58,10 +75,21 @@ def count_model_step(args: argparse.Namespace, fake: bool = True, **model_overri
     # Built on ``meta`` then given fake storage: the teacher is a deep copy, which fake tensors refuse.
     with torch.device("meta" if fake else "cpu"):
         model = create_model(args.model, **kwargs)
+    device = getattr(args, "fake_device", "cpu") if fake else "cpu"
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         if fake:
-            model.to_empty(device="cpu")
+            model.to_empty(device=device)
         model.train()
+        if device != "cpu":
+            videos = torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device)
+            probe = StepProbe().track(model, videos)
+            with probe:
+                _forward_and_ema(model, videos, probe, args.alpha)
+            return {
+                "mode": "model", "device": device, "model": args.model, "batch": args.batch,
+                "masking": args.masking, "phases": ["forward", "ema"], **probe.summary(),
+                "note": "fake CUDA tensors: forward and EMA only, fp32 (no backward, optimiser or autocast)",
+            }  # fmt: skip
         if args.grad_ckpt:
             model.set_grad_checkpointing(True)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -166,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
     parser.add_argument("--graph-breaks", action="store_true", help="also count graph breaks (torch._dynamo.explain)")
+    parser.add_argument("--fake-device", default="cpu", choices=("cpu", "cuda"),
+                        help="device of the fake tensors; cuda also shows host-device copies (forward and EMA only)")
     parser.add_argument("--deepspeed", type=int, choices=(0, 1, 2, 3), metavar="STAGE",
                         help="count the DeepSpeed training step at this ZeRO stage (demo model, CPU)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3, help="--deepspeed: uncounted steps before the counted one")
