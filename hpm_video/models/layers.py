@@ -117,6 +117,7 @@ class TubePatchEmbed(nn.Module):
         if ids is None:
             tubes = tubes.flatten(1, 3)  # (B, N, C, t, p, p)
         else:
+            # Flat index -> (t, h, w) by hand: torch.unravel_index copies the shape to the device.
             rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)  # (B, 1)
             tubes = tubes[rows, ids // (grid_h * grid_w), ids // grid_w % grid_h, ids % grid_w]  # (B, M, C, t, p, p)
         return F.linear(tubes.flatten(2), self.proj.weight.flatten(1), self.proj.bias)  # (B, N or M, D)
