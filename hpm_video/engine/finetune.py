@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import torch
 from torch import nn
@@ -44,6 +43,7 @@ from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import StepSchedules
 from hpm_video.engine.steps import (
+    LogWindow,
     NonFiniteGuard,
     backward_and_step,
     clips_per_step,
@@ -52,7 +52,6 @@ from hpm_video.engine.steps import (
     full_state_dict,
     seed_all,
     start_run,
-    window_means,
 )
 from hpm_video.finetune_init import fold_probe_head
 
@@ -381,14 +380,11 @@ def train(cfg: CfgNode) -> dict[str, str]:
 
     guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS, engine)
     schedules = StepSchedules(cfg.SOLVER, base_lr, total_updates, warmup_updates)
-    tracked = ("loss", "acc1")
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
         loader.sampler.set_epoch(epoch)
         seed_all(epoch_seed(cfg.SEED, epoch) + rank)  # mixup draws from numpy's global RNG
         engine.train()
-        sums = {k: torch.zeros((), device=device) for k in tracked}
-        steps, finite_steps = 0, torch.zeros((), device=device)  # finite: counted on the device
-        skipped_window, window_start = 0, time.perf_counter()
+        window = LogWindow(("loss", "acc1"), device)
         bar = run_log.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}")
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
@@ -396,7 +392,6 @@ def train(cfg: CfgNode) -> dict[str, str]:
             lr, wd = schedules.apply(optimizer, engine.global_steps)
             videos = batch["video"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            skipped_window += int(batch["skipped"])
             targets = labels
             if mixup is not None:
                 videos, targets = mixup(videos, labels)
@@ -407,16 +402,14 @@ def train(cfg: CfgNode) -> dict[str, str]:
             # update the guard skipped, the EMA still takes its step toward the unchanged weights.
             if backward_and_step(engine, loss, guard) is not None and ema is not None:
                 ema.update(module)
-            sums["loss"] += torch.where(finite, loss.detach().float(), 0.0)
             # Accuracy against the unmixed labels (with mixing it is only a rough signal).
-            sums["acc1"] += torch.where(finite, (logits.detach().argmax(-1) == labels).float().mean() * 100, 0.0)
-            steps, finite_steps = steps + 1, finite_steps + finite
+            acc1 = (logits.detach().argmax(-1) == labels).float().mean() * 100
+            window.add({"loss": loss, "acc1": acc1}, finite, int(batch["skipped"]))
             bar.update(1)
 
             if (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
-                elapsed = time.perf_counter() - window_start
                 nonfinite_total = guard.check(epoch, step)  # stops the run before anything is saved
-                stats, skipped_now = window_means(sums, finite_steps, skipped_window, device)
+                stats, skipped_now, steps, elapsed = window.close()
                 skipped_total += skipped_now
                 grad_norm = engine.get_global_grad_norm()
                 stats.update(
@@ -428,9 +421,6 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 run_log.log(engine.global_steps, stats)
                 bar.set_postfix({"loss": f"{stats['loss']:.4g}", "acc1": f"{stats['acc1']:.1f}", "lr": f"{lr:.2e}",
                                  "clips/s": f"{stats['clips_per_s']:.1f}", "skipped": skipped_total})  # fmt: skip
-                sums = {k: torch.zeros((), device=device) for k in tracked}
-                steps, finite_steps = 0, torch.zeros((), device=device)
-                skipped_window, window_start = 0, time.perf_counter()
         bar.close()
 
         last = epoch + 1 == cfg.SOLVER.EPOCHS

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import torch
 
@@ -23,6 +22,7 @@ from hpm_video.engine.deepspeed_setup import initialize
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import StepSchedules
 from hpm_video.engine.steps import (
+    LogWindow,
     NonFiniteGuard,
     backward_and_step,
     clips_per_step,
@@ -31,7 +31,6 @@ from hpm_video.engine.steps import (
     full_state_dict,
     seed_all,
     start_run,
-    window_means,
 )
 from hpm_video.masking import alpha_tensor, easy_to_hard_alpha
 from hpm_video.models import create_model, ema_decay
@@ -142,9 +141,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
         alpha = easy_to_hard_alpha(epoch, cfg.SOLVER.EPOCHS, cfg.MASK.ALPHA_MAX)
         decay = ema_decay(epoch)
         engine.train()
-        sums = {k: torch.zeros((), device=device) for k in TRACKED}
-        steps, finite_steps = 0, torch.zeros((), device=device)  # finite: counted on the device
-        skipped_window, window_start = 0, time.perf_counter()
+        window = LogWindow(TRACKED, device)
         vis_batch = None
         bar = run_log.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}")
         for step, batch in enumerate(loader):
@@ -152,22 +149,16 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 break
             lr, wd = schedules.apply(optimizer, engine.global_steps)
             videos = batch["video"].to(device, non_blocking=True)
-            skipped_window += int(batch["skipped"])
             if vis_batch is None:
                 vis_batch = videos[: cfg.ENGINE.VIS_NUM_CLIPS].detach().clone()
 
             out = pretrain_step(engine, videos, alpha, decay, mask_gen, (rank, world), guard)
-            finite = out["finite"]
-            for key in TRACKED:
-                if key in out:  # a skipped (non-finite) step adds nothing
-                    sums[key] += torch.where(finite, out[key].detach().float(), 0.0)
-            steps, finite_steps = steps + 1, finite_steps + finite
+            window.add({k: out[k] for k in TRACKED if k in out}, out["finite"], int(batch["skipped"]))
             bar.update(1)
 
             if (step + 1) % cfg.ENGINE.LOG_EVERY_STEPS == 0 or step + 1 == steps_per_epoch:
-                elapsed = time.perf_counter() - window_start
                 nonfinite_total = guard.check(epoch, step)  # stops the run before anything is saved
-                means, skipped_now = window_means(sums, finite_steps, skipped_window, device)
+                means, skipped_now, steps, elapsed = window.close()
                 skipped_total += skipped_now
                 stats = {k: v for k, v in means.items() if k in out or k == "loss"}
                 grad_norm = engine.get_global_grad_norm()
@@ -181,9 +172,6 @@ def train(cfg: CfgNode) -> dict[str, str]:
                 bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss_rec", "loss_pred", "rank_corr") if k in stats}
                                 | {"alpha": f"{alpha:.3f}", "lr": f"{lr:.2e}", "clips/s": f"{stats['clips_per_s']:.1f}",
                                    "skipped": skipped_total})  # fmt: skip
-                sums = {k: torch.zeros((), device=device) for k in TRACKED}
-                steps, finite_steps = 0, torch.zeros((), device=device)
-                skipped_window, window_start = 0, time.perf_counter()
         bar.close()
 
         last = epoch + 1 == cfg.SOLVER.EPOCHS

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -154,20 +156,45 @@ def epoch_steps(num_batches: int, num_samples: int, cfg, world: int) -> tuple[in
     return steps, steps // accum
 
 
-def window_means(
-    sums: dict[str, torch.Tensor], count: torch.Tensor, skipped: int, device
-) -> tuple[dict[str, float], int]:
-    """Means over every rank's counted steps in a log window (``count``: a device tensor), and the
-    files skipped in it on all ranks.
+class LogWindow:
+    """What a training loop sums between two log steps, kept on the device.
 
-    One collective and one read-back for everything (all ranks must log at the same steps).
+    ``add`` accumulates a step's values where its all-rank ``finite`` flag holds (a skipped step
+    adds nothing) and counts it; ``close`` reads the window with one collective and one read-back
+    (all ranks must log at the same steps), then starts the next window.
     """
-    names = list(sums)
-    counters = torch.stack([count.float(), torch.tensor(float(skipped), device=device)])
-    *totals, steps, skipped_all = dist_utils.all_reduce_sum(
-        torch.cat([torch.stack([sums[k].float() for k in names]), counters])
-    ).tolist()
-    return {k: v / max(steps, 1.0) for k, v in zip(names, totals)}, int(skipped_all)
+
+    def __init__(self, names: Sequence[str], device) -> None:
+        self.names = list(names)
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = {k: torch.zeros((), device=self.device) for k in self.names}
+        self.finite_steps = torch.zeros((), device=self.device)
+        self.steps = 0
+        self.skipped_files = 0
+        self.start = time.perf_counter()
+
+    def add(self, values: Mapping[str, torch.Tensor], finite: torch.Tensor, skipped_files: int = 0) -> None:
+        for key, value in values.items():
+            self.sums[key] += torch.where(finite, value.detach().float(), 0.0)
+        self.finite_steps += finite
+        self.steps += 1
+        self.skipped_files += skipped_files
+
+    def close(self) -> tuple[dict[str, float], int, int, float]:
+        """``(means over every rank's finite steps, files skipped on all ranks, this rank's steps,
+        seconds)`` of the window; the next window starts now."""
+        seconds = time.perf_counter() - self.start
+        counters = torch.stack([self.finite_steps, torch.tensor(float(self.skipped_files), device=self.device)])
+        *totals, finite, skipped_all = dist_utils.all_reduce_sum(
+            torch.cat([torch.stack([self.sums[k] for k in self.names]), counters])
+        ).tolist()
+        means = {k: v / max(finite, 1.0) for k, v in zip(self.names, totals)}
+        steps = self.steps
+        self._reset()
+        return means, int(skipped_all), steps, seconds
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
