@@ -16,6 +16,10 @@ never makes one.
 What it cannot see: the CUDA caching allocator's rounding and fragmentation (the peak here is the
 bytes of live tensors, a lower bound of ``torch.cuda.max_memory_allocated``), and syncs inside
 CUDA libraries (a stream synchronisation, a pageable copy inside an extension).
+
+The second half reads a real ``torch.profiler`` run instead: ``profiled_kernels`` takes the timed
+kernels out of it and ``kernel_breakdown`` says where a step's kernel time goes, by kind of kernel
+(``KERNEL_CATEGORIES``); ``tools/bench_train.py --profile-steps`` reports it.
 """
 
 from __future__ import annotations
@@ -192,3 +196,85 @@ class StepProbe(TorchDispatchMode):
     def top_ops(self, n: int = 10) -> list[tuple[str, int]]:
         return self.ops.most_common(n)
 
+
+# ------------------------------------------------------------------------------- kernel time
+# Where a profiled step spends its device time, by kind of kernel. The first pattern found in the
+# lower-cased name decides, so the order matters: attention before GEMM (some attention kernels
+# carry "cutlass"), GEMM before inductor (inductor's matmul templates are ``triton_tem_*``),
+# inductor before the eager kinds (its fused kernels name every op they fuse), copy before
+# elementwise (``direct_copy_kernel`` runs inside an elementwise kernel). On the CPU the "kernels"
+# are the ATen operations' own time.
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("gemm", ("triton_tem", "gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk", "cublas", "aten::mm",
+              "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation", "convolution")),
+    ("communication", ("nccl", "gloo", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "c10d")),
+    ("inductor_fused", ("triton_", "cpp_fused")),
+    ("optimizer_ema", ("adam", "foreach", "multi_tensor_apply", "lerp")),
+    ("copy", ("memcpy", "memset", "copy", "catarray", "aten::cat", "aten::clone", "aten::fill_", "aten::zero_")),
+    ("index_sort", ("index", "gather", "scatter", "sort", "topk")),
+    ("norm", ("layer_norm", "layernorm")),
+    ("elementwise_reduce", ("elementwise", "reduce", "softmax", "gelu", "aten::add", "aten::mul", "aten::sub",
+                            "aten::div", "aten::sum", "aten::mean", "aten::pow", "aten::sqrt", "aten::rsqrt",
+                            "aten::exp", "aten::var", "aten::std", "aten::where", "aten::neg", "aten::abs")),
+)  # fmt: skip
+OTHER_KERNELS = "other"
+
+
+def kernel_category(name: str) -> str:
+    """The ``KERNEL_CATEGORIES`` name of a kernel (CUDA kernel name or ATen op), else ``"other"``."""
+    lowered = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(pattern in lowered for pattern in patterns):
+            return category
+    return OTHER_KERNELS
+
+
+def profiled_kernels(prof: torch.profiler.profile, device_type: str) -> list[tuple[str, float]]:
+    """(name, microseconds) of every kernel in a finished ``torch.profiler`` run.
+
+    On a GPU: the device's own events (kernels, memcpy, memset), as timed by CUPTI. On the CPU:
+    the self time of every ATen operation (the wrappers around them, autograd nodes and Python,
+    are left out; their time is host overhead, not work).
+    """
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    if device_type == "cpu":
+        return [(e.name, e.self_cpu_time_total) for e in events
+                if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]  # fmt: skip
+    # GPU-side spans of ``record_function`` regions (torch.compile's among them) are device events
+    # too, each covering kernels counted on their own.
+    return [(e.name, e.time_range.elapsed_us()) for e in events
+            if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]  # fmt: skip
+
+
+def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 12) -> dict[str, Any]:
+    """Per-step kernel time and launches, the share of each category, and the longest kernels.
+
+    ``kernels``: (name, microseconds) pairs of ``steps`` profiled steps (``profiled_kernels``).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    total_us = sum(us for us, _ in by_name.values())
+    by_category: Counter[str] = Counter()
+    for name, (us, _) in by_name.items():
+        by_category[kernel_category(name)] += us
+    order = [c for c, _ in KERNEL_CATEGORIES] + [OTHER_KERNELS]
+    longest = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return {
+        "kernel_ms_per_step": round(total_us / steps / 1e3, 3),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "share": {c: round(by_category[c] / total_us, 4) if total_us else 0.0 for c in order if by_category[c]},
+        "ms_per_step": {c: round(by_category[c] / steps / 1e3, 3) for c in order if by_category[c]},
+        "top": [
+            {"name": name[:160], "category": kernel_category(name), "ms_per_step": round(us / steps / 1e3, 3),
+             "calls_per_step": round(calls / steps, 1)}
+            for name, (us, calls) in longest
+        ],
+    }  # fmt: skip

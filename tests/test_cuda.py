@@ -152,3 +152,34 @@ def test_training_loop_step_on_deepspeed_has_no_host_sync_and_skips_nan_rounds(s
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["changed_by_bad_round"] == [] and result["nonfinite_total"] == 1, result
     assert all(count > 0 for count in result["moved_by_good_round"].values()), result
+
+
+def test_profiled_step_names_its_kernels():
+    """The kernel categories of ``hpm_video.profiling`` on real CUDA kernel names: a bf16 step's
+    matrix products and attention are found as such, and every kernel is counted once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hpm_video.masking import alpha_tensor
+    from hpm_video.profiling import kernel_breakdown, profiled_kernels
+
+    model = model_on_cuda(masking="hpm")
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    videos = clips()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(videos, alpha=alpha_tensor(0.5, videos.device))["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_teacher(0.99)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = profiled_kernels(prof, "cuda")
+    result = kernel_breakdown(kernels, steps=1)
+    assert kernels and result["kernel_ms_per_step"] > 0
+    assert {"gemm", "attention", "optimizer_ema"} <= set(result["share"]), result["top"]
+    assert sum(result["share"].values()) == pytest.approx(1.0, abs=1e-3)

@@ -22,7 +22,7 @@ TINY_ARGS = ["--model", "hpm_pretrain_vit_tiny_patch16", "--frames", "4", "--siz
 
 def test_cpu_tiny_run_prints_valid_json(capsys):
     bench = _cli()
-    assert bench.main(TINY_ARGS) == 0
+    assert bench.main([*TINY_ARGS, "--profile-steps", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert FIELDS <= set(result)
     assert result["device"] == "cpu" and result["precision"] == "fp32"  # bf16 is opt-in on CPU
@@ -35,6 +35,14 @@ def test_cpu_tiny_run_prints_valid_json(capsys):
     assert result["model_tflops"] == pytest.approx(result["train_gflops_per_clip"] * result["clips_per_s"] / 1e3,
                                                    rel=0.05, abs=1e-4)  # fmt: skip
     assert result["mfu"] is None and result["peak_bf16_tflops"] is None  # no peak for a CPU
+    # One profiled step: on the CPU the "kernels" are ATen ops; the matrix products lead.
+    kernels = result["kernels"]
+    assert kernels["profiled_steps"] == 1 and kernels["kernels_per_step"] > 100
+    assert sum(kernels["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert sum(kernels["ms_per_step"].values()) == pytest.approx(kernels["kernel_ms_per_step"], rel=1e-2)
+    assert {"gemm", "attention", "optimizer_ema"} <= set(kernels["share"])
+    assert max(kernels["share"], key=kernels["share"].get) == "gemm"
+    assert kernels["busy_fraction"] is None and kernels["top"][0]["category"] == "gemm"  # a GPU-only ratio
 
 
 def test_hpm_mode_counts_the_teacher_and_mfu_uses_the_peak(capsys):
@@ -118,17 +126,33 @@ def test_gpu_check_report_table_and_plot(tmp_path, capsys):
         {"check": "environment", "torch": "2.11"},
         {**base, "masking": "random", "engine": "plain", "clips_per_s": 1600.0, "model_tflops": 340.6, "mfu": 0.344},
         {**base, "masking": "hpm", "engine": "deepspeed_zero2", "clips_per_s": 500.0, "model_tflops": 362.1,
-         "mfu": 0.366},
+         "mfu": 0.366, "kernels": {"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"}},
+        {**base, "masking": "random", "compile": False, "engine": "plain", "clips_per_s": 5.0, "model_tflops": 1.0,
+         "mfu": None, "kernels": {"kernel_ms_per_step": 300.0, "busy_fraction": None, "kernels_per_step": 900.0,
+                                  "share": {"gemm": 0.7, "norm": 0.3}}},  # a CPU run: no busy ratio
+        {**base, "masking": "hpm", "engine": "plain", "clips_per_s": 520.0, "model_tflops": 371.4, "mfu": 0.376,
+         "kernels": {"kernel_ms_per_step": 230.0, "busy_fraction": 0.935, "kernels_per_step": 1480.0,
+                     "share": {"attention": 0.21, "gemm": 0.55, "inductor_fused": 0.2, "other": 0.04}}},
         {"check": "bench_train", "skipped": "budget: 3s left, needs ~60s", "args": "--model x --zero 3"},
     ]  # fmt: skip
     log = tmp_path / "gpu_check.jsonl"
     log.write_text("a warning line\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
     png = tmp_path / "plot.png"
     assert report.main([str(log), "--plot", str(png)]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert len(table) == 2 + 3 and all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
+    table, kernels = capsys.readouterr().out.split("\n\n")
+    table = table.splitlines()
+    assert len(table) == 2 + 5 and all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
     assert "| NVIDIA H200 | ViT-B | random | 128 | yes | no | plain | 1600.0 | 80.0 | 30.5 | 340.6 | 34.4% |" in table
     assert "skipped: budget" in table[-1]
+    # The profiled runs' second table: one row each, the profiler's failure said as such.
+    kernels = kernels.splitlines()
+    # Columns: the categories some run has, in KERNEL_CATEGORIES's order.
+    header = "| run | kernel ms/step | busy | kernels/step | attention | gemm | inductor_fused | norm | other |"
+    assert kernels[0] == header
+    assert len(kernels) == 2 + 3 and all(line.count("|") == 10 for line in kernels)
+    assert "profiler failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in kernels[2]
+    assert kernels[3] == "| ViT-B random b128 | 300.0 | - | 900 | 0.0% | 70.0% | 0.0% | 30.0% | 0.0% |"
+    assert kernels[4] == "| ViT-B hpm b128 compile | 230.0 | 94% | 1480 | 21.0% | 55.0% | 20.0% | 0.0% | 4.0% |"
     from PIL import Image
 
     with Image.open(png) as image:

@@ -12,7 +12,7 @@ from tool_helpers import load_tool, subprocess_env
 
 import hpm_video  # noqa: F401
 from hpm_video.models import create_model
-from hpm_video.profiling import StepProbe
+from hpm_video.profiling import StepProbe, kernel_breakdown, kernel_category
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=3,
@@ -195,3 +195,64 @@ def test_growing_alpha_does_not_recompile_the_step():
         compiled_at_first = compiled_at_first or counter.frame_count
     # Nothing compiled after the first step (whose tracing dynamo may restart once).
     assert counter.frame_count == compiled_at_first <= 2, counter.frame_count
+
+
+# Kernel names as CUPTI reports them on an H100/H200 with torch 2.x (cuBLASLt's nvjet and sm90
+# GEMMs, flash attention, inductor's Triton kernels, ATen's eager kernels), and ATen ops on the CPU.
+KERNEL_NAMES = {
+    "nvjet_tst_192x16_64x8_2x2_2cta_h_bz_TNT": "gemm",
+    "nvjet_tst_64x24_64x16_4x1_v_bz_splitK_TNT": "gemm",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off": "gemm",
+    "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)": "gemm",
+    "triton_tem_fused_mm_0": "gemm",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false>>(Params)": "attention",
+    "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>()": "attention",
+    "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>)":
+        "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+    "triton_red_fused__to_copy_add_native_layer_norm_3": "inductor_fused",
+    "triton_poi_fused_gelu_7": "inductor_fused",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_for_fused_optimizer<4, FusedAdamMathFunctor>":
+        "optimizer_ema",
+    "void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>, LerpFunctor<float>, float>": "optimizer_ema",
+    "Memcpy DtoD (Device -> Device)": "copy",
+    "void at::native::elementwise_kernel<128, 4, gpu_kernel_impl_nocast<direct_copy_kernel_cuda>>": "copy",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<c10::BFloat16, unsigned int, 4, 64, 64>": "copy",
+    "void at::native::index_elementwise_kernel<128, 4, gpu_index_kernel<index_kernel_impl>>": "index_sort",
+    "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>(TensorInfo)": "index_sort",
+    "void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<Policy900, false, float, long>": "index_sort",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
+    "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl, at::detail::Array<char*, 2>>":
+        "elementwise_reduce",
+    "void at::native::reduce_kernel<512, 1, ReduceOp<float, MeanOps<float, float, float, float>>>":
+        "elementwise_reduce",
+    "ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "aten::addmm": "gemm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "attention",
+    "aten::_fused_adamw_": "optimizer_ema",
+    "aten::native_layer_norm": "norm",
+    "aten::gelu": "elementwise_reduce",
+    "some_unknown_kernel": "other",
+}  # fmt: skip
+
+
+def test_kernel_categories_of_real_kernel_names():
+    assert {name: kernel_category(name) for name in KERNEL_NAMES} == KERNEL_NAMES
+
+
+def test_kernel_breakdown_per_step_shares_and_longest():
+    kernels = [("nvjet_tst_a", 300.0), ("nvjet_tst_a", 300.0), ("triton_poi_fused_add_0", 100.0),
+               ("flash_fwd_kernel", 200.0), ("nvjet_tst_a", 300.0), ("Memset (Device)", 10.0)]  # fmt: skip
+    result = kernel_breakdown(kernels, steps=2, top=2)
+    assert result["kernel_ms_per_step"] == pytest.approx(1.21 / 2)
+    assert result["kernels_per_step"] == 3.0
+    shares = {"attention": 200 / 1210, "gemm": 900 / 1210, "inductor_fused": 100 / 1210, "copy": 10 / 1210}
+    assert result["share"] == {c: pytest.approx(v, abs=1e-4) for c, v in shares.items()}
+    assert list(result["share"]) == ["attention", "gemm", "inductor_fused", "copy"]  # the categories' order
+    assert result["ms_per_step"]["gemm"] == pytest.approx(0.45)
+    assert result["top"] == [
+        {"name": "nvjet_tst_a", "category": "gemm", "ms_per_step": 0.45, "calls_per_step": 1.5},
+        {"name": "flash_fwd_kernel", "category": "attention", "ms_per_step": 0.1, "calls_per_step": 0.5},
+    ]
+    with pytest.raises(ValueError, match="steps"):
+        kernel_breakdown(kernels, steps=0)

@@ -18,7 +18,14 @@ Reported: clips/s, step time, peak memory (CUDA ``max_memory_allocated``, or the
 on CPU), model TFLOP/s from the training FLOPs per clip (``hpm_video.flops``: 3 x the student's
 forward + the teacher pass; fvcore when installed, else the closed form, which agrees exactly) and
 MFU against the GPU's peak dense bf16 TFLOP/s (null on CPU or an unknown GPU; ``--peak-tflops``
-overrides). Peaks used: H100 SXM 989, H100 NVL 835, H100 PCIe 756, H200 989 (same chip as H100
+overrides). ``--profile-steps N`` runs N more steps under ``torch.profiler`` after the timed ones and
+adds ``kernels``: device kernel time and launches per step, the share of each kind of kernel (GEMM,
+attention, inductor's fused kernels, optimiser and EMA, copies, ...; ``hpm_video.profiling``), the
+longest kernels, and ``busy_fraction``, kernel time over the unprofiled step time (well under 1: the
+device waits for the host). On the CPU the "kernels" are ATen operations' own time (views included;
+inductor's compiled C++ kernels are not ATen operations and are not seen) and ``busy_fraction`` is
+null.
+Peaks used: H100 SXM 989, H100 NVL 835, H100 PCIe 756, H200 989 (same chip as H100
 SXM; some sources, the project issue included, quote 790), A100 312.
 Runs on CPU too (``--device cpu``; precision defaults to fp32 there, as bf16 autocast on CPU is slow).
 """
@@ -160,6 +167,35 @@ def _deepspeed_step(args: argparse.Namespace, device: torch.device, videos: torc
     return engine.module, step, flops
 
 
+def profile_kernels(step, device: torch.device, steps: int, step_s: float) -> dict[str, Any]:
+    """Where ``steps`` more steps spend their kernel time (``hpm_video.profiling.kernel_breakdown``)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from hpm_video.profiling import kernel_breakdown, profiled_kernels
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # One profiled but discarded step first: kineto can drop the first kernel records of a session
+    # started in a long-lived process (pytorch issue 192021).
+    kernels: list[tuple[str, float]] = []
+    try:
+        with profile(
+            activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+            on_trace_ready=lambda prof: kernels.extend(profiled_kernels(prof, device.type)),
+        ) as prof:  # fmt: skip
+            for _ in range(1 + steps):
+                step()
+                sync(device)
+                prof.step()
+        breakdown = kernel_breakdown(kernels, steps)
+    except Exception as err:  # a profiler the machine refuses must not cost the timed figures
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    # On the CPU the profiler's own overhead inflates the ops' times: no meaningful ratio there.
+    busy = breakdown["kernel_ms_per_step"] / (step_s * 1e3) if device.type == "cuda" else None
+    breakdown["busy_fraction"] = None if busy is None else round(busy, 4)
+    breakdown["profiled_steps"] = steps
+    return breakdown
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -196,6 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     name = device_name(device)
     peak = args.peak_tflops if args.peak_tflops else (peak_tflops(name) if device.type == "cuda" else None)
     memory, memory_kind = peak_memory_gib(device)
+    kernels = profile_kernels(step, device, args.profile_steps, step_s) if args.profile_steps else None
     return {
         "device": device.type,
         "device_name": name,
@@ -227,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "losses_finite": finite,
         "last_loss": float(final[-1]),
         "torch": torch.__version__,
+        "kernels": kernels,
     }
 
 
@@ -250,13 +288,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(needs deepspeed and fvcore); default: plain torch training")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="profile N more steps and report where the kernel time goes")  # fmt: skip
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--flops", default="auto", choices=("auto", "fvcore", "analytic"))
     parser.add_argument("--peak-tflops", type=float, help="override the peak used for MFU")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
-        parser.error("--steps and --batch must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.profile_steps < 0:
+        parser.error("--steps and --batch must be at least 1, --warmup and --profile-steps at least 0")
     return args
 
 

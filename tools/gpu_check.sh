@@ -3,8 +3,10 @@
 # when OUT is set):
 #   1. the environment (torch, CUDA device, which optional packages are present);
 #   2. the tools/bench_train.py sweep of the GPU-speed issue, most important first (ViT-B 16x224,
-#      mask 0.9, bf16): random and hpm compiled at batch 128; then the CUDA-marked tests
-#      (`pytest -m cuda`, one JSON line, full log on stderr); then random eager at batch 128, hpm
+#      mask 0.9, bf16): random and hpm compiled at batch 128, each with two more steps under
+#      torch.profiler (where the kernel time goes: GEMM, attention, fused, ...); then the
+#      CUDA-marked tests (`pytest -m cuda`, one JSON line, full log on stderr); then random eager
+#      (profiled too) at batch 128, hpm
 #      eager at 64, ViT-L batch 32 with activation checkpointing, and (where DeepSpeed imports) the
 #      training loop's step on DeepSpeed ZeRO 0, 2 and 3 against plain training.
 # tools/report_gpu_check.py turns the lines into the Markdown table and the plot of docs/performance.md.
@@ -109,10 +111,10 @@ cuda_tests() {
 
 B=hpm_pretrain_vit_base_patch16
 L=hpm_pretrain_vit_large_patch16
-bench 120 --model $B --batch 128 --masking random --compile
-bench 150 --model $B --batch 128 --masking hpm --compile
+bench 120 --model $B --batch 128 --masking random --compile --profile-steps 2
+bench 150 --model $B --batch 128 --masking hpm --compile --profile-steps 2
 cuda_tests  # after the two headline figures, so a slow compile cannot starve them
-bench 30 --model $B --batch 128 --masking random
+bench 30 --model $B --batch 128 --masking random --profile-steps 2  # eager: what compiling changes
 bench 40 --model $B --batch 64 --masking hpm
 bench 60 --model $L --batch 32 --masking random --grad-ckpt
 bench 80 --model $L --batch 32 --masking hpm --grad-ckpt

@@ -5,6 +5,8 @@
 Prints a Markdown table of every ``bench_train`` result (GPU, model, masking, batch, compile, engine,
 clips/s, step ms, peak GiB, model TFLOP/s, MFU; skipped and failed runs say so) and, with ``--plot``,
 draws clips/s per run as horizontal bars labelled with the MFU (PIL only, no plotting library).
+Runs profiled with ``bench_train.py --profile-steps`` get a second table: kernel time and launches
+per step, how busy the device was, and the share of each kind of kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from hpm_video.profiling import KERNEL_CATEGORIES, OTHER_KERNELS
 
 COLUMNS = ("GPU", "model", "masking", "batch", "compile", "ckpt", "engine", "clips/s", "step ms", "peak GiB",
            "model TFLOP/s", "MFU")  # fmt: skip
@@ -75,6 +79,29 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def kernel_table(rows: list[dict[str, Any]]) -> str:
+    """Where the profiled runs spend their kernel time; empty when no run was profiled."""
+    profiled = [r for r in rows if "clips_per_s" in r and isinstance(r.get("kernels"), dict)]
+    if not profiled:
+        return ""
+    seen = {c for row in profiled for c in row["kernels"].get("share", {})}
+    categories = [c for c in [*(name for name, _ in KERNEL_CATEGORIES), OTHER_KERNELS] if c in seen]
+    header = ["run", "kernel ms/step", "busy", "kernels/step", *categories]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for row in profiled:
+        kernels = row["kernels"]
+        if "error" in kernels:
+            lines.append(f"| {label(row)} | profiler failed: {kernels['error']} " + "| " * (len(header) - 2) + "|")
+            continue
+        share, busy = kernels["share"], kernels.get("busy_fraction")
+        cells = [
+            label(row), f"{kernels['kernel_ms_per_step']:.1f}", "-" if busy is None else f"{100 * busy:.0f}%",
+            f"{kernels['kernels_per_step']:.0f}", *(f"{100 * share.get(c, 0.0):.1f}%" for c in categories),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     results = [r for r in rows if "clips_per_s" in r]
     if not results:
@@ -108,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = read_lines(args.log)
     print(markdown(rows))
+    kernels = kernel_table(rows)
+    if kernels:
+        print("\n" + kernels)
     if args.plot:
         plot(rows, args.plot)
     return 0
