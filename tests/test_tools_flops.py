@@ -16,6 +16,7 @@ from hpm_video.flops import (
     fvcore_macs,
     model_flops,
 )
+from hpm_video.masking import alpha_tensor
 from hpm_video.models import CLASSIFIER_MODELS, PRETRAIN_MODELS, create_model
 
 pytest.importorskip("fvcore")
@@ -148,3 +149,71 @@ def test_cli_table_and_json_for_registered_models(capsys):
     table = capsys.readouterr().out
     assert "hpm_pretrain_vit_tiny_patch16" in table and "hpm_vit_tiny_patch16" in table
     assert "multiply-adds" in table  # the convention is printed
+
+
+def _executed_flops(model: nn.Module, videos: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one real training step as torch's own counter sees the matrix products and
+    attention run: ``forward``, ``total`` (forward + backward), ``embed`` (the student's patch
+    embedding forward), and the LayerNorm FLOPs of the forward at fvcore's 5 per element, which
+    the counter does not count (``norm_student``, ``norm_teacher``).
+
+    Attention is counted by the model-FLOPs convention: backward = 2 x forward. (Torch's formula
+    for the GPU kernels adds flash attention's recomputation of Q K^T in the backward, which is
+    not model work; the counter has no formula for the CPU kernels, so both are mapped here.)
+    """
+    from torch.utils import flop_counter
+
+    from hpm_video.flops import NORM_MACS_PER_ELEMENT
+
+    aten = torch.ops.aten
+
+    def sdpa_forward(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+    counts = {"norm_student": 0, "norm_teacher": 0}
+
+    def count_norm(key):
+        def hook(module, args, output):
+            counts[key] += 2 * NORM_MACS_PER_ELEMENT * args[0].numel()
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            module.register_forward_hook(count_norm("norm_teacher" if name.startswith("teacher.") else "norm_student"))
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa_forward,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward}  # fmt: skip
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        loss = model(videos, alpha=alpha_tensor(0.5, videos.device))["loss"]
+        counts["forward"] = counter.get_total_flops()
+        counts["embed"] = sum(counter.get_flop_counts()[f"{type(model).__name__}.encoder.patch_embed"].values())
+        loss.backward()
+    counts["total"] = counter.get_total_flops()
+    return counts
+
+
+@pytest.mark.parametrize("masking", ["random", "hpm"])
+def test_counted_flops_are_what_a_training_step_executes(masking):
+    """The FLOPs that MFU divides by are the work a real step does: the counted forward (3 x for
+    training) plus the teacher pass equal what torch's FLOP counter sees run, forward and backward,
+    at full ViT-B 16 x 224 size (fake tensors: nothing is computed). Extra work (a teacher that
+    got gradients, a decoder on tokens it should skip) or a miscount would show here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kwargs = dict(num_frames=16, img_size=224, masking=masking, mask_ratio=0.9)
+    counted = count_flops(create_model("hpm_pretrain_vit_base_patch16", **kwargs), method="analytic")
+    batch = 2
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = create_model("hpm_pretrain_vit_base_patch16", **kwargs)
+        run = _executed_flops(model, torch.randn(batch, 3, 16, 224, 224))
+    assert (counted["teacher_gflops"] > 0) == (masking == "hpm") == (run["norm_teacher"] > 0)
+    per_clip = {key: value / batch / 1e9 for key, value in run.items()}
+    forward = per_clip["forward"] + per_clip["norm_student"] + per_clip["norm_teacher"]
+    assert forward == pytest.approx(counted["forward_gflops"] + counted["teacher_gflops"], rel=1e-6)
+    # Training counts 3 x the student's forward. Autograd does that work but for the gradient of
+    # the clip itself (none is needed: one patch-embedding forward fewer) and the LayerNorms.
+    train = per_clip["total"] + per_clip["embed"] + 3 * per_clip["norm_student"] + per_clip["norm_teacher"]
+    assert train == pytest.approx(counted["train_gflops"], rel=1e-6)
