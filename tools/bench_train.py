@@ -184,7 +184,7 @@ def profile_kernels(step, device: torch.device, steps: int, step_s: float) -> di
         ) as prof:  # fmt: skip
             for _ in range(1 + steps):
                 step()
-                sync(device)
+                sync(device)  # so that each step's kernels land in that step's window
                 prof.step()
         breakdown = kernel_breakdown(kernels, steps)
     except Exception as err:  # a profiler the machine refuses must not cost the timed figures
