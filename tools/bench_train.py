@@ -181,6 +181,7 @@ def profile_kernels(step, device: torch.device, steps: int, step_s: float) -> di
         with profile(
             activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
             on_trace_ready=lambda prof: kernels.extend(profiled_kernels(prof, device.type)),
+            acc_events=True,  # one cycle only; says so, which silences the profiler's warning
         ) as prof:  # fmt: skip
             for _ in range(1 + steps):
                 step()
