@@ -315,15 +315,14 @@ def match_hf_keys(hf_state: Mapping[str, torch.Tensor], model_keys: Collection[s
     model_keys = set(model_keys)
     out: dict[str, torch.Tensor] = {}
     for key, value in hf_state.items():
-        for new, old in (("q_bias", "query.bias"), ("v_bias", "value.bias")):
-            renamed = key[: -len(old)] + new
-            if key.endswith("attention.attention." + old) and key not in model_keys and renamed in model_keys:
-                key = renamed
+        head, attention, leaf = key.rpartition("attention.attention.")
+        if attention and leaf in ("query.bias", "value.bias"):
+            legacy = head + attention + leaf[0] + "_bias"  # q_bias / v_bias
+            if leaf == "query.bias" and head + attention + "key.bias" in model_keys:
+                out[head + attention + "key.bias"] = torch.zeros_like(value)
+            if key not in model_keys and legacy in model_keys:
+                key = legacy
         out[key] = value
-        if key.endswith(("attention.attention.query.bias", "attention.attention.q_bias")):
-            key_bias = key[: -len("query.bias" if key.endswith("query.bias") else "q_bias")] + "key.bias"
-            if key_bias in model_keys:
-                out[key_bias] = torch.zeros_like(value)
     return out
 
 

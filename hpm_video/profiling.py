@@ -82,9 +82,12 @@ def _call_site(skip_torch: bool = True) -> str:
 
 def _host_device_copy(name: str, args: tuple, out: Any) -> str | None:
     """``"cpu->cuda"`` / ``"cuda->cpu"`` when a copy operation moves data between host and device."""
-    src, dst = (args[1], args[0]) if name in ("copy_", "_copy_from_and_resize") else (args[0], out)
-    if name == "_copy_from":
-        dst = args[1]
+    if name == "copy_":  # copy_(self=dst, src)
+        src, dst = args[1], args[0]
+    elif name == "_to_copy":  # _to_copy(self) -> dst
+        src, dst = args[0], out
+    else:  # _copy_from(self, dst), _copy_from_and_resize(self, dst)
+        src, dst = args[0], args[1]
     if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)):
         return None
     kinds = (src.device.type, dst.device.type)
@@ -256,17 +259,16 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 12
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    by_name: dict[str, list[float]] = {}
+    time_by_name: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
     for name, us in kernels:
-        entry = by_name.setdefault(name, [0.0, 0])
-        entry[0] += us
-        entry[1] += 1
-    total_us = sum(us for us, _ in by_name.values())
+        time_by_name[name] += us
+        calls[name] += 1
+    total_us = sum(time_by_name.values())
     by_category: Counter[str] = Counter()
-    for name, (us, _) in by_name.items():
+    for name, us in time_by_name.items():
         by_category[kernel_category(name)] += us
     order = [c for c, _ in KERNEL_CATEGORIES] + [OTHER_KERNELS]
-    longest = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
     return {
         "kernel_ms_per_step": round(total_us / steps / 1e3, 3),
         "kernels_per_step": round(len(kernels) / steps, 1),
@@ -274,7 +276,7 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 12
         "ms_per_step": {c: round(by_category[c] / steps / 1e3, 3) for c in order if by_category[c]},
         "top": [
             {"name": name[:160], "category": kernel_category(name), "ms_per_step": round(us / steps / 1e3, 3),
-             "calls_per_step": round(calls / steps, 1)}
-            for name, (us, calls) in longest
+             "calls_per_step": round(calls[name] / steps, 1)}
+            for name, us in time_by_name.most_common(top)
         ],
     }  # fmt: skip

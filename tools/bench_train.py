@@ -189,7 +189,7 @@ def profile_kernels(step, device: torch.device, steps: int, step_s: float) -> di
                 prof.step()
         breakdown = kernel_breakdown(kernels, steps)
     except Exception as err:  # a profiler the machine refuses must not cost the timed figures
-        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"}
     # On the CPU the profiler's own overhead inflates the ops' times: no meaningful ratio there.
     busy = breakdown["kernel_ms_per_step"] / (step_s * 1e3) if device.type == "cuda" else None
     breakdown["busy_fraction"] = None if busy is None else round(busy, 4)
