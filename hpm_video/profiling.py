@@ -222,6 +222,8 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                             "aten::exp", "aten::var", "aten::std", "aten::where", "aten::neg", "aten::abs")),
 )  # fmt: skip
 OTHER_KERNELS = "other"
+# Every category a breakdown can report, in the order tables show them.
+KERNEL_CATEGORY_ORDER: tuple[str, ...] = (*(name for name, _ in KERNEL_CATEGORIES), OTHER_KERNELS)
 
 
 def kernel_category(name: str) -> str:
@@ -268,12 +270,12 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 12
     by_category: Counter[str] = Counter()
     for name, us in time_by_name.items():
         by_category[kernel_category(name)] += us
-    order = [c for c, _ in KERNEL_CATEGORIES] + [OTHER_KERNELS]
+    present = [c for c in KERNEL_CATEGORY_ORDER if by_category[c]]  # time spent: total_us > 0
     return {
         "kernel_ms_per_step": round(total_us / steps / 1e3, 3),
         "kernels_per_step": round(len(kernels) / steps, 1),
-        "share": {c: round(by_category[c] / total_us, 4) if total_us else 0.0 for c in order if by_category[c]},
-        "ms_per_step": {c: round(by_category[c] / steps / 1e3, 3) for c in order if by_category[c]},
+        "share": {c: round(by_category[c] / total_us, 4) for c in present},
+        "ms_per_step": {c: round(by_category[c] / steps / 1e3, 3) for c in present},
         "top": [
             {"name": name[:160], "category": kernel_category(name), "ms_per_step": round(us / steps / 1e3, 3),
              "calls_per_step": round(calls[name] / steps, 1)}

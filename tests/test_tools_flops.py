@@ -9,6 +9,7 @@ from torch import nn
 
 import hpm_video  # noqa: F401
 from hpm_video.flops import (
+    NORM_MACS_PER_ELEMENT,
     analytic_params,
     arch_from_model,
     arch_from_name,
@@ -162,8 +163,6 @@ def _executed_flops(model: nn.Module, videos: torch.Tensor) -> dict[str, int]:
     not model work; the counter has no formula for the CPU kernels, so both are mapped here.)
     """
     from torch.utils import flop_counter
-
-    from hpm_video.flops import NORM_MACS_PER_ELEMENT
 
     aten = torch.ops.aten
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import hpm_video  # noqa: F401  (registers the models)
+from hpm_video.masking import alpha_tensor
 from hpm_video.models import PRETRAIN_MODELS, create_model, ema_decay
 from hpm_video.profiling import StepProbe
 
@@ -57,8 +58,6 @@ def _model_step(model, optimizer, videos, amp_dtype, probe: StepProbe | None, al
 
 def _forward_and_ema(model, videos, probe: StepProbe, alpha: float) -> None:
     """The parts of a step that run on fake CUDA tensors without a GPU (see the module docstring)."""
-    from hpm_video.masking import alpha_tensor
-
     with probe.phase("forward"):
         model(videos, alpha=alpha_tensor(alpha, videos.device))["loss"]
     if model.teacher is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from hpm_video.profiling import KERNEL_CATEGORIES, OTHER_KERNELS
+from hpm_video.profiling import KERNEL_CATEGORY_ORDER
 
 COLUMNS = ("GPU", "model", "masking", "batch", "compile", "ckpt", "engine", "clips/s", "step ms", "peak GiB",
            "model TFLOP/s", "MFU", "MFU @790")  # fmt: skip
@@ -90,7 +90,7 @@ def kernel_table(rows: list[dict[str, Any]]) -> str:
     if not profiled:
         return ""
     seen = {c for row in profiled for c in row["kernels"].get("share", {})}
-    categories = [c for c in [*(name for name, _ in KERNEL_CATEGORIES), OTHER_KERNELS] if c in seen]
+    categories = [c for c in KERNEL_CATEGORY_ORDER if c in seen]
     header = ["run", "kernel ms/step", "busy", "kernels/step", *categories]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for row in profiled:
