@@ -211,7 +211,10 @@ def check_mask(mask: torch.Tensor, batch: int, num_tokens: int) -> int:
     counts = mask.sum(dim=1)
     if batch and not bool((counts == counts[0]).all()):
         raise ValueError(f"every sample must mask the same number of tokens, got counts {counts.tolist()}")
-    return int(counts[0]) if batch else 0
+    num_masked = int(counts[0]) if batch else 0
+    if batch and not 0 < num_masked < num_tokens:
+        raise ValueError(f"mask must hide at least one token and keep one visible, got {num_masked} of {num_tokens}")
+    return num_masked
 
 
 class MaskGenerator:
@@ -224,6 +227,12 @@ class MaskGenerator:
         self.unit = unit
         self.num_masked = num_masked_tokens(grid, mask_ratio, unit)
         self.num_units = num_mask_units(grid, unit)
+        if self.num_masked == 0:
+            # Nothing to reconstruct: the decoder's "last M tokens" would be all of them.
+            raise ValueError(
+                f"mask_ratio {mask_ratio} masks no {unit} of the {grid[0]} x {grid[1]} token grid "
+                f"({self.num_units} {unit}s, rounded down); raise it"
+            )
 
     def noise(
         self, batch_size: int, generator: torch.Generator | None = None, device=None, shard: tuple[int, int] = (0, 1)

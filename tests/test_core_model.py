@@ -114,6 +114,12 @@ def test_any_grid_size_and_bad_sizes():
         tiny(masking="hard")
     with pytest.raises(ValueError, match="needs the loss predictor"):
         tiny(masking="hpm", use_predictor=False)
+    # A ratio that masks nothing (16 tubes: int(0.05 * 16) = 0) is refused when the model is built,
+    # not at the first step with a shape error from the loss.
+    with pytest.raises(ValueError, match="mask_ratio 0.05 masks no tube of the 2 x 16 token grid"):
+        tiny(mask_ratio=0.05)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\), got 1.0"):
+        tiny(mask_ratio=1.0)
 
 
 def test_user_mask_is_checked():
@@ -123,6 +129,11 @@ def test_user_mask_is_checked():
     mask[1, :20] = True
     with pytest.raises(ValueError, match="same number of tokens"):
         model(clip(), mask=mask)
+    for num_masked in (0, 32):  # nothing to reconstruct; nothing for the encoder to see
+        mask = torch.zeros(2, 32, dtype=torch.bool)
+        mask[:, :num_masked] = True
+        with pytest.raises(ValueError, match=f"at least one token and keep one visible, got {num_masked} of 32"):
+            model(clip(), mask=mask)
 
 
 def test_one_frame_clip_and_image_are_the_same_path():

@@ -196,6 +196,7 @@ class HPMPretrainModel(nn.Module):
         self._mask_generators: dict[tuple[int, int], masklib.MaskGenerator] = {}
         self._ema_params: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
         self.set_grad_checkpointing(grad_checkpointing)
+        self.mask_generator(self.encoder.patch_embed.grid_size)  # refuse a ratio that masks nothing now
 
     # ----------------------------------------------------------------------------------- set-up
     def _student_parts(self) -> dict[str, nn.Module]:
