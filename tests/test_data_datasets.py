@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import struct
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -233,21 +236,38 @@ def test_image_dataset_folder_and_list(tmp_path) -> None:
     assert batch["video"].shape == (4, 3, 1, 32, 32)
 
 
+def _png_with_damaged_second_idat() -> bytes:
+    """A PNG that opens but fails in ``load()`` with SyntaxError, not OSError."""
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # > one 64 KiB IDAT
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    pos, idats = 8, []  # chunks: 4-byte length, 4-byte type, data, 4-byte CRC
+    while pos < len(data):
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            idats.append(pos)
+        pos += 12 + length
+    data[idats[1] + 4 : idats[1] + 8] = b"\x07G\x81<"
+    return bytes(data)
+
+
 def test_image_dataset_skips_bad_images(tmp_path, caplog) -> None:
     root = str(tmp_path / "images")
     entries = _make_image_tree(root)
     (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     png = (tmp_path / "images" / "bunny" / "img_1.png").read_bytes()
     (tmp_path / "images" / "cut.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "images" / "bad_chunk.png").write_bytes(_png_with_damaged_second_idat())
     lst = write_list(
         str(tmp_path / "images" / "list.csv"),
-        [("broken.jpg", 0), ("cut.png", 0), ("missing.png", 1)] + entries,
+        [("broken.jpg", 0), ("cut.png", 0), ("missing.png", 1), ("bad_chunk.png", 1)] + entries,
     )
     ds = ImageDataset(lst, input_size=32, train=False)
     with caplog.at_level(logging.WARNING, logger="hpm_video.data"):
         first = ds[0]
-    assert first["skipped"] == 3 and first["label"] == entries[0][1]
-    assert sum("skipping unreadable image" in r.getMessage() for r in caplog.records) == 3
+    assert first["skipped"] == 4 and first["label"] == entries[0][1]
+    assert sum("skipping unreadable image" in r.getMessage() for r in caplog.records) == 4
     with pytest.raises(ValueError, match="outside the data root"):
         ImageDataset(write_list(str(tmp_path / "images" / "evil.csv"), [("../x.png", 0)]), input_size=32)
 

@@ -19,6 +19,9 @@ from .video_dataset import log_once, split_key
 __all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "scan_class_folders"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# What Pillow raises for a missing, truncated or damaged file. Not only OSError: a PNG whose chunk
+# after the first image data is damaged fails in load() with SyntaxError ("broken PNG file").
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def scan_class_folders(
@@ -123,7 +126,7 @@ class ImageDataset(Dataset):
             try:
                 img = self._load(path)
                 break
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            except UNREADABLE_IMAGE_ERRORS as e:
                 skipped += 1
                 self.num_skipped += 1
                 log_once("bad", path, "skipping unreadable image %s (replaced by another sample): %s", path, e)
