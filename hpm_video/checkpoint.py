@@ -67,9 +67,9 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     for name, value in obj.items():
         if not isinstance(value, torch.Tensor):
             continue
-        for prefix in STRIP_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
+        # Wrappers nest in either order: DDP(compile(m)) saves "module._orig_mod.", compile(DDP(m)) the reverse.
+        while name.startswith(STRIP_PREFIXES):
+            name = name[len(next(p for p in STRIP_PREFIXES if name.startswith(p))) :]
         out[name] = value
     return out
 

@@ -188,6 +188,9 @@ _C.FINETUNE.EVAL_EVERY_EPOCHS = 5
 # Position table: auto = a learned (trainable) table when FINETUNE.INIT stores one (MAE image
 # checkpoints), else VideoMAE's fixed 1-D sin/cos table (not in the state dict).
 _C.FINETUNE.POS_EMBED = "auto"
+# T H W token grid of FINETUNE.INIT's stored position table when the checkpoint does not say it
+# (this project's own checkpoints do) and the row count alone is ambiguous; [] = infer it.
+_C.FINETUNE.INIT_POS_GRID = []
 # Initialise fc_norm from the pretrained encoder's final norm (VideoMAE and MAE start fc_norm fresh).
 _C.FINETUNE.FC_NORM_FROM_NORM = True
 _C.FINETUNE.MIXUP_MODE = "batch"  # timm: one lambda/box per batch, per pair or per element
@@ -226,9 +229,12 @@ def validate(cfg: CfgNode) -> None:
             "parameter gathering breaks the compiled graph and leaves the fused qkv weight unfetched; "
             "compile with ZERO_STAGE 0, 1 or 2, or run ZeRO-3 without ENGINE.COMPILE"
         )
-    for key in ("EPOCHS", "BATCH_SIZE", "ACCUM_STEPS"):
-        if cfg.SOLVER[key] < 1:
-            raise ValueError(f"config SOLVER.{key} = {cfg.SOLVER[key]} must be >= 1")
+    counts = ["SOLVER.EPOCHS", "SOLVER.BATCH_SIZE", "SOLVER.ACCUM_STEPS", "ENGINE.SAVE_EVERY_EPOCHS",
+              "ENGINE.LOG_EVERY_STEPS", "ENGINE.VIS_EVERY_EPOCHS", "FINETUNE.EVAL_EVERY_EPOCHS"]  # fmt: skip
+    for dotted in counts:
+        section, key = dotted.split(".")
+        if cfg[section][key] < 1:
+            raise ValueError(f"config {dotted} = {cfg[section][key]} must be >= 1")
     from hpm_video.models import MODEL_NAMES
 
     if cfg.MODEL.NAME not in MODEL_NAMES:

@@ -75,6 +75,9 @@ class Checkpoint:
     renamed: list[str] = field(default_factory=list)
     raw_prefixes: list[str] = field(default_factory=list)
     image_source: bool = False  # the patch embedding was 2-D (one frame per token)
+    # (T, H, W) token grid of the stored position table, where the checkpoint says it (this
+    # project's model files and run checkpoints keep the model's arguments); else it is inferred.
+    pos_grid: tuple[int, int, int] | None = None
 
     @property
     def has_pos_embed(self) -> bool:
@@ -129,6 +132,7 @@ def read_checkpoint(path: str) -> Checkpoint:
         name = str(obj["model_name"])
         ckpt = to_classifier_layout(unwrap_state_dict(obj), source=path)
         ckpt.kind = f"hpm-model-file ({name})"
+        ckpt.pos_grid = _saved_pos_grid(ckpt, obj.get("model_kwargs") or {})
         return ckpt
     return to_classifier_layout(unwrap_state_dict(obj), source=path)
 
@@ -172,7 +176,22 @@ def _read_deepspeed_tag(tag_dir: str) -> Checkpoint:
         ) from err
     ckpt = to_classifier_layout(unwrap_state_dict(state), source=tag_dir)
     ckpt.kind = f"deepspeed ({ckpt.kind})"
+    if os.path.isfile(os.path.join(tag_dir, checkpointing.MARKER)):
+        ckpt.pos_grid = _saved_pos_grid(ckpt, checkpointing.read_client_state(tag_dir).get("model_kwargs") or {})
     return ckpt
+
+
+def _saved_pos_grid(ckpt: Checkpoint, model_kwargs: Mapping[str, Any]) -> tuple[int, int, int] | None:
+    """The grid of ``ckpt``'s position table from the arguments its model was built with."""
+    proj = ckpt.state.get("patch_embed.proj.weight")
+    table = ckpt.state.get("pos_embed")
+    if proj is None or table is None or "num_frames" not in model_kwargs or "img_size" not in model_kwargs:
+        return None
+    size = model_kwargs["img_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    tubelet, patch_h, patch_w = proj.shape[2:]  # (D, C, t, p, p)
+    grid = (int(model_kwargs["num_frames"]) // tubelet, int(height) // patch_h, int(width) // patch_w)
+    return grid if math.prod(grid) == table.shape[1] else None
 
 
 # ------------------------------------------------------------------------------------ key layout
@@ -288,9 +307,11 @@ def infer_pos_grid(
 ) -> tuple[int, int, int]:
     """The ``(T, H, W)`` token grid a stored table of ``num_positions`` rows was made for.
 
-    Tables do not store their grid. Tried in order: the target grid itself; one frame for image
+    Tables do not store their grid (this project's checkpoints say it beside them, see
+    ``Checkpoint.pos_grid``). Tried in order: the target grid itself; one frame for image
     checkpoints; the target's time extent with a square frame; the target's frame with another time
-    extent; one square frame. Refused when none fits.
+    extent; one square frame. Refused when none fits. A table whose clip length and frame size both
+    differ from the target's is read with the target's frame; ``FINETUNE.INIT_POS_GRID`` says otherwise.
     """
     t, h, w = (int(x) for x in target_grid)
     n = int(num_positions)
@@ -314,7 +335,7 @@ def infer_pos_grid(
     if not candidates:
         raise ValueError(
             f"cannot tell the token grid of a stored position table with {n} rows (target grid {t}x{h}x{w}); "
-            "pass src_grid explicitly"
+            "set FINETUNE.INIT_POS_GRID T H W (src_grid)"
         )
     return candidates[0]
 
@@ -400,7 +421,7 @@ def fit_to_model(
         if "pos_embed" in target:
             table = state["pos_embed"]
             dst = _token_grid(model)
-            src = tuple(src_grid) if src_grid else infer_pos_grid(table.shape[1], dst, ckpt.image_source)
+            src = tuple(src_grid or ckpt.pos_grid or infer_pos_grid(table.shape[1], dst, ckpt.image_source))
             if tuple(src) != dst or table.shape[1] != target["pos_embed"].shape[1]:
                 state["pos_embed"] = resize_pos_embed(table, src, dst)
                 report.adapted.append(f"pos_embed: grid {'x'.join(map(str, src))} -> {'x'.join(map(str, dst))}")

@@ -47,6 +47,20 @@ def test_slurm_variables_become_rendezvous(monkeypatch):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "16", "1")
 
 
+def test_slurm_task_gets_the_gpu_of_its_local_id(monkeypatch):
+    """Under ``srun`` only SLURM_LOCALID names the GPU: it must be mapped before the device is picked."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    os.environ.update(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="3", MASTER_PORT="29500")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed, "init_distributed", lambda device: chosen.append(device))
+    assert distributed.start_process("auto") == torch.device("cuda", 3)
+    assert chosen == [3, torch.device("cuda", 3)]
+
+
 def test_single_process_defaults(monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID"):
@@ -76,6 +90,24 @@ def test_param_groups_skip_decay_on_biases_norms_and_tokens():
     apply_schedules(opt, 0.2, 0.04)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0]  # a zero-crossing keeps groups apart
     assert all(g["lr"] == 0.2 for g in opt.param_groups)
+
+
+
+@pytest.mark.parametrize("layer_decay", [1.0, 0.75])
+def test_weight_decay_starting_at_zero_still_reaches_the_decayed_groups(layer_decay):
+    """SOLVER.WEIGHT_DECAY 0 with a rising WEIGHT_DECAY_END: which groups decay is known from the start."""
+    model = create_model("hpm_vit_tiny_patch16", img_size=32, num_frames=2, depth=2, num_classes=5)
+    at_zero = param_groups(model, 0.0, layer_decay=layer_decay)
+    at_05 = param_groups(model, 0.05, layer_decay=layer_decay)
+    assert all(g["weight_decay"] == 0.0 for g in at_zero)
+    assert [g["wd_scale"] for g in at_zero] == [g["wd_scale"] for g in at_05]
+    assert [g["weight_decay"] for g in at_05] == [0.05 * g["wd_scale"] for g in at_05]
+    opt = torch.optim.AdamW(at_zero)
+    apply_schedules(opt, 0.1, 0.05)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decayed} >= {"head.weight", "blocks.1.mlp.fc1.weight", "patch_embed.proj.weight"}
+    assert all(p.ndim > 1 for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
 
 
 def test_layer_decay_groups_scale_lr_by_depth():
@@ -142,3 +174,11 @@ def test_compile_with_zero3_and_alpha_out_of_range_are_refused():
     load_config(None, ["ENGINE.COMPILE", "True", "ENGINE.ZERO_STAGE", "2"])  # the compiled ZeRO stages
     with pytest.raises(ValueError, match=r"MASK.ALPHA_MAX = 1.5 must be in \[0, 1\]"):
         load_config(None, ["MASK.ALPHA_MAX", "1.5"])
+
+
+@pytest.mark.parametrize("key", ["SOLVER.ACCUM_STEPS", "ENGINE.SAVE_EVERY_EPOCHS", "ENGINE.LOG_EVERY_STEPS",
+                                 "ENGINE.VIS_EVERY_EPOCHS", "FINETUNE.EVAL_EVERY_EPOCHS"])  # fmt: skip
+def test_zero_counts_and_periods_are_refused_when_loaded(key):
+    """A period of 0 would divide by zero only after an epoch of work."""
+    with pytest.raises(ValueError, match=f"config {key} = 0 must be >= 1"):
+        load_config(None, [key, "0"])

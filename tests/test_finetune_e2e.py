@@ -225,6 +225,8 @@ def test_bad_settings_are_refused(run, tmp_path):
         run_finetune.main(["--config", config, "MODEL.NAME", "hpm_pretrain_vit_tiny_patch16", *out])
     with pytest.raises(ValueError, match="DATA.FLIP is on for Something-Something-v2"):
         run_finetune.main(["--config", config, "DATA.DATASET", "ssv2", "DATA.FLIP", "True", *out])
+    with pytest.raises(ValueError, match=r"FINETUNE.INIT_POS_GRID = \[8, 14\] must be empty or three positive"):
+        run_finetune.main(["--config", config, "FINETUNE.INIT_POS_GRID", "[8, 14]", *out])
     assert not os.path.exists(out[1])  # refused before anything was written
     with pytest.raises(ValueError, match="even number of clips"):
         run_finetune.main(["--config", config, "SOLVER.BATCH_SIZE", "1", "DATA.NUM_SAMPLE", "1", "FINETUNE.INIT", "",

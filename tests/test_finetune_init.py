@@ -58,7 +58,7 @@ def save(tmp_path, name: str, obj) -> str:
 
 
 # ------------------------------------------------------------------------------- VideoMAE
-@pytest.mark.parametrize("wrap", ["model", "module", "backbone", "orig_mod"])
+@pytest.mark.parametrize("wrap", ["model", "module", "backbone", "orig_mod", "ddp_of_compiled"])
 def test_videomae_finetune_layouts_give_identical_logits(tmp_path, wrap):
     source = randomize(classifier(seed=1), seed=11)
     state = source.state_dict()
@@ -66,6 +66,8 @@ def test_videomae_finetune_layouts_give_identical_logits(tmp_path, wrap):
         obj = {"module": {f"backbone.{k}": v for k, v in state.items()}}
     elif wrap == "orig_mod":  # saved from a torch.compile'd model
         obj = {"model": {f"_orig_mod.{k}": v for k, v in state.items()}, "epoch": 3}
+    elif wrap == "ddp_of_compiled":  # DistributedDataParallel around a compiled model
+        obj = {"model": {f"module._orig_mod.{k}": v for k, v in state.items()}}
     else:
         obj = {wrap: state}
     target = classifier(seed=2)
@@ -309,8 +311,36 @@ def test_infer_pos_grid():
     assert infer_pos_grid(196, (8, 14, 14), image_source=True) == (1, 14, 14)
     assert infer_pos_grid(1568, (8, 7, 7)) == (8, 14, 14)  # same time extent, other frame size
     assert infer_pos_grid(1568, (16, 14, 14)) == (8, 14, 14)  # same frame size, other clip length
-    with pytest.raises(ValueError, match="cannot tell the token grid"):
+    with pytest.raises(ValueError, match="cannot tell the token grid.*set FINETUNE.INIT_POS_GRID T H W"):
         infer_pos_grid(30, (2, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [
+        (GEOM, dict(img_size=16, patch_size=8, num_frames=8, tubelet_size=2)),  # 2x4x4 -> 4x2x2: both differ
+        (dict(img_size=32, patch_size=8, num_frames=1, tubelet_size=1),  # a one-frame model (1x4x4) ...
+         dict(img_size=16, patch_size=8, num_frames=4, tubelet_size=1)),  # ... into 4x2x2: the same 16 rows
+    ],
+)  # fmt: skip
+def test_own_model_file_says_the_grid_of_its_table(tmp_path, src, dst):
+    """Row counts alone would read these tables wrongly (as 8x2x2, and as already fitting)."""
+    source = randomize(classifier(pos_embed="learned", **{**src, "num_classes": 5}), 3)
+    path = os.path.join(tmp_path, "learned.pth")
+    save_model_file(path, source, "hpm_vit_tiny_patch16", **src)
+    src_grid = (src["num_frames"] // src["tubelet_size"], 4, 4)
+    assert read_checkpoint(path).pos_grid == src_grid
+    model = classifier(pos_embed="learned", **dst)
+    report = load_pretrained(model, path)
+    assert f"pos_embed: grid {'x'.join(map(str, src_grid))} -> 4x2x2" in report.adapted
+    expected = resize_pos_embed(source.pos_embed.detach(), src_grid, (4, 2, 2))
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    # A foreign file without the arguments: inferred (here wrongly), or told by FINETUNE.INIT_POS_GRID.
+    bare = save(tmp_path, "bare.pth", {"model": source.state_dict()})
+    assert read_checkpoint(bare).pos_grid is None
+    told = classifier(pos_embed="learned", **dst)
+    load_pretrained(told, bare, src_grid=src_grid)
+    torch.testing.assert_close(told.pos_embed.detach(), expected)
 
 
 def test_timm_create_with_pos_embed_option():

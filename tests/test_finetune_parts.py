@@ -140,6 +140,9 @@ def test_linear_probe_freezes_encoder_and_folds_batchnorm():
     assert sum(len(g["params"]) for g in groups) == 2
     opt = make_probe_optimizer(net, load_config(None, ["SOLVER.WEIGHT_DECAY", "0.0"]))
     assert type(opt).__name__ == "Lars"
+    # MAE probes at weight decay 0: the head's matrix still takes LARS's trust ratio, its bias not.
+    adapts = {id(p): g["always_adapt"] for g in opt.param_groups for p in g["params"]}
+    assert adapts == {id(net.head[1].weight): True, id(net.head[1].bias): False}
     with torch.no_grad():  # realistic running statistics
         bn.running_mean.copy_(torch.randn(48))
         bn.running_var.copy_(torch.rand(48) + 0.5)

@@ -47,6 +47,18 @@ def pick_device(choice: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def start_process(choice: str = "auto") -> torch.device:
+    """Rendezvous variables, device and process group of a run's process; returns its device.
+
+    The variables come first: under ``srun`` LOCAL_RANK exists only once SLURM_LOCALID is mapped
+    onto it, and it picks this process's GPU.
+    """
+    fill_rendezvous_env()
+    device = pick_device(choice)
+    init_distributed(device)
+    return device
+
+
 def init_distributed(device: torch.device) -> None:
     """Join the process group through DeepSpeed (NCCL on GPUs, gloo on CPUs)."""
     import importlib

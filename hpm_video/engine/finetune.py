@@ -134,7 +134,9 @@ def make_probe_optimizer(model: nn.Module, cfg: CfgNode) -> torch.optim.Optimize
 
     groups = param_groups(model, cfg.SOLVER.WEIGHT_DECAY)
     for group in groups:
-        group["always_adapt"] = group["wd_scale"] > 0  # only >= 2-D weights adapt (MAE excludes 1-D ones)
+        # Weight matrices adapt (trust ratio) whatever the weight decay, also at MAE's probing decay 0;
+        # biases and norms do not (MAE's LARS skips 1-D parameters).
+        group["always_adapt"] = group["wd_scale"] > 0
     return Lars(groups, lr=cfg.SOLVER.BASE_LR, momentum=0.9, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
 
@@ -282,8 +284,9 @@ def check_settings(cfg: CfgNode) -> None:
         )
     if cfg.FINETUNE.NUM_CLASSES < 1:
         raise ValueError(f"config FINETUNE.NUM_CLASSES = {cfg.FINETUNE.NUM_CLASSES} must be >= 1")
-    if cfg.FINETUNE.EVAL_EVERY_EPOCHS < 1:
-        raise ValueError(f"config FINETUNE.EVAL_EVERY_EPOCHS = {cfg.FINETUNE.EVAL_EVERY_EPOCHS} must be >= 1")
+    grid = list(cfg.FINETUNE.INIT_POS_GRID)
+    if grid and (len(grid) != 3 or not all(isinstance(x, int) and x >= 1 for x in grid)):
+        raise ValueError(f"config FINETUNE.INIT_POS_GRID = {grid} must be empty or three positive integers T H W")
 
 
 def train(cfg: CfgNode) -> dict[str, str]:
@@ -307,7 +310,8 @@ def train(cfg: CfgNode) -> dict[str, str]:
         init_ckpt = read_checkpoint(cfg.FINETUNE.INIT) if cfg.FINETUNE.INIT else None
         model, kwargs = build_model(cfg, init_ckpt)
         if init_ckpt is not None:
-            report = load_pretrained(model, init_ckpt, fc_norm_from_norm=cfg.FINETUNE.FC_NORM_FROM_NORM, log=main)
+            report = load_pretrained(model, init_ckpt, fc_norm_from_norm=cfg.FINETUNE.FC_NORM_FROM_NORM,
+                                     src_grid=cfg.FINETUNE.INIT_POS_GRID or None, log=main)  # fmt: skip
             if main:
                 paths["init_report"] = os.path.join(cfg.OUTPUT_DIR, "init_report.json")
                 write_report(report, paths["init_report"])
@@ -534,8 +538,7 @@ def evaluate_only(cfg: CfgNode, checkpoint: str | None = None) -> dict[str, str]
     order ``FINETUNE.TEST_WEIGHTS`` prefers), else its latest DeepSpeed checkpoint (any ZeRO stage), else
     ``FINETUNE.INIT`` (which then must hold a trained head)."""
     check_settings(cfg)
-    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
-    dist_utils.init_distributed(device)
+    device = dist_utils.start_process(cfg.ENGINE.DEVICE)
     logging.basicConfig(level=logging.INFO if dist_utils.is_main() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

@@ -26,9 +26,12 @@ def param_groups(
     if layer_decay < 1.0:
         from timm.optim import param_groups_layer_decay
 
-        return _tag_decayed(param_groups_layer_decay(
-            model, weight_decay=weight_decay, no_weight_decay_list=list(skip), layer_decay=layer_decay
-        ))
+        # Built with weight decay 1 so that the groups timm decays can be told from the others by
+        # value even when ``weight_decay`` is 0 (a schedule may still raise it later).
+        groups = param_groups_layer_decay(
+            model, weight_decay=1.0, no_weight_decay_list=list(skip), layer_decay=layer_decay
+        )
+        return _with_weight_decay(groups, weight_decay)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -37,15 +40,17 @@ def param_groups(
             no_decay.append(param)
         else:
             decay.append(param)
-    return _tag_decayed(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return _with_weight_decay(
+        [{"params": decay, "weight_decay": 1.0}, {"params": no_decay, "weight_decay": 0.0}], weight_decay
     )
 
 
-def _tag_decayed(groups: list[dict]) -> list[dict]:
-    # Remember which groups take weight decay, so a schedule that passes through 0 keeps them apart.
+def _with_weight_decay(groups: list[dict], weight_decay: float) -> list[dict]:
+    # Groups come with weight decay 1 (decayed) or 0; ``wd_scale`` keeps that apart from the value,
+    # which ``apply_schedules`` sets every step and which may start or pass through 0.
     for group in groups:
-        group["wd_scale"] = 1.0 if group["weight_decay"] > 0 else 0.0
+        group["wd_scale"] = group["weight_decay"]
+        group["weight_decay"] = weight_decay * group["wd_scale"]
     return groups
 
 

@@ -19,8 +19,7 @@ logger = logging.getLogger(__name__)
 
 def start_run(cfg) -> tuple[torch.device, int, int]:
     """Device, process group, logging, output folder and its ``config.yaml``; returns (device, rank, world)."""
-    device = dist_utils.pick_device(cfg.ENGINE.DEVICE)
-    dist_utils.init_distributed(device)
+    device = dist_utils.start_process(cfg.ENGINE.DEVICE)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
