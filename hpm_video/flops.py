@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from hpm_video import masking as masklib
+from hpm_video.models.layers import check_divisible
 
 CONVENTION = "GMACs = 1e9 multiply-adds (what fvcore calls flops); GFLOPs = 2 x GMACs"
 NORM_MACS_PER_ELEMENT = 5  # fvcore's estimate for an affine LayerNorm
@@ -412,8 +413,9 @@ def model_flops(
     if method == "fvcore":
         return count_flops(create_model(model_name, **kwargs), method=method, model_name=model_name)
     spec = arch_from_name(model_name, **kwargs)
-    parts = analytic_macs(spec, (num_frames // spec.tubelet, img_size // spec.patch, img_size // spec.patch))
     size = _frame_size(img_size)
+    check_divisible(num_frames, *size, spec.tubelet, spec.patch)  # as the model would refuse it
+    parts = analytic_macs(spec, (num_frames // spec.tubelet, size[0] // spec.patch, size[1] // spec.patch))
     return _report(spec, method, model_name, num_frames, size, parts, analytic_params(spec))
 
 

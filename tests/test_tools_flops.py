@@ -79,6 +79,7 @@ VARIANTS = [
     dict(masking="hpm"),
     dict(masking="random", use_predictor=True, mask_unit="token", mask_ratio=0.75),
     dict(masking="random", qkv_bias=False, init_values=0.1, mlp_ratio=2.0),
+    dict(masking="hpm", img_size=(64, 32)),  # non-square frames
 ]
 
 
@@ -97,6 +98,11 @@ def test_fvcore_and_closed_form_agree_exactly(variant):
     assert traced["train_gmacs"] == pytest.approx(3 * traced["forward_gmacs"] + traced["teacher_gmacs"])
     assert (traced["teacher_gmacs"] > 0) == (variant["masking"] == "hpm")
     assert model.training  # mode restored
+
+
+def test_closed_form_refuses_clips_the_model_refuses():
+    with pytest.raises(ValueError, match="15 frames by tubelet 2; 60x60 pixels by patch 16"):
+        model_flops("hpm_pretrain_vit_tiny_patch16", num_frames=15, img_size=60, method="analytic")
 
 
 def test_hpm_teacher_pass_is_a_full_clip_encoder_and_predictor():
