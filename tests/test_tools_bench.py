@@ -4,6 +4,8 @@ import os
 import pytest
 from tool_helpers import load_tool, subprocess_env
 
+from hpm_video.profiling import KERNEL_CATEGORY_ORDER
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {
     "device", "device_name", "model", "batch", "precision", "masking", "compile", "grad_ckpt", "steps",
@@ -35,14 +37,16 @@ def test_cpu_tiny_run_prints_valid_json(capsys):
     assert result["model_tflops"] == pytest.approx(result["train_gflops_per_clip"] * result["clips_per_s"] / 1e3,
                                                    rel=0.05, abs=1e-4)  # fmt: skip
     assert result["mfu"] is None and result["peak_bf16_tflops"] is None  # no peak for a CPU
-    # One profiled step: on the CPU the "kernels" are ATen ops; the matrix products lead.
+    # One profiled step: on the CPU the "kernels" are ATen ops. Which kind leads is a timing, and on a
+    # busy 2-core machine not even the matrix products reliably do, so only the bookkeeping is checked.
     kernels = result["kernels"]
     assert kernels["profiled_steps"] == 1 and kernels["kernels_per_step"] > 100
     assert sum(kernels["share"].values()) == pytest.approx(1.0, abs=1e-3)
     assert sum(kernels["ms_per_step"].values()) == pytest.approx(kernels["kernel_ms_per_step"], rel=1e-2)
-    assert {"gemm", "attention", "optimizer_ema"} <= set(kernels["share"])
-    assert max(kernels["share"], key=kernels["share"].get) == "gemm"
-    assert kernels["busy_fraction"] is None and kernels["top"][0]["category"] == "gemm"  # a GPU-only ratio
+    assert {"gemm", "attention", "optimizer_ema"} <= set(kernels["share"]) <= set(KERNEL_CATEGORY_ORDER)
+    assert all(kernels["share"][c] > 0 for c in ("gemm", "attention", "optimizer_ema"))
+    assert {k["category"] for k in kernels["top"]} <= set(KERNEL_CATEGORY_ORDER)
+    assert kernels["busy_fraction"] is None  # a GPU-only ratio
 
 
 def test_hpm_mode_counts_the_teacher_and_mfu_uses_the_peak(capsys):
