@@ -36,9 +36,13 @@ Facts about the HF implementation that the conversion accounts for:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
+import secrets
+import shutil
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -54,6 +58,8 @@ CLASSIFIER = "classifier"
 HPM_JSON = "hpm_video.json"
 HPM_EXTRAS = "hpm_video_extras.safetensors"
 EXTRA_PREFIXES = ("loss_predictor.", "teacher.")
+
+logger = logging.getLogger(__name__)
 
 # Per-block renames, ours -> HF, besides the fused qkv which is split separately.
 _BLOCK_RENAMES = (
@@ -185,7 +191,7 @@ def model_config_from_state(
         "in_chans": in_chans,
         "num_frames": num_frames,
         "tubelet_size": tubelet,
-        "mlp_ratio": state[prefix + "blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        "mlp_ratio": mlp_ratio_for(state[prefix + "blocks.0.mlp.fc1.weight"].shape[0], dim),
         "qkv_bias": prefix + "blocks.0.attn.q_bias" in state,
     }
     if prefix + "blocks.0.gamma_1" in state:
@@ -451,7 +457,7 @@ def model_config_from_hf(config: Any, kind: str | None = None) -> tuple[str, dic
         in_chans=config.num_channels,
         num_frames=config.num_frames,
         tubelet_size=config.tubelet_size,
-        mlp_ratio=config.intermediate_size / dim,
+        mlp_ratio=mlp_ratio_for(config.intermediate_size, dim),
         qkv_bias=hf_qv_bias(config),
     )
     size = _size_name(dim, config.num_hidden_layers)
@@ -542,6 +548,14 @@ def _differs(a: Any, b: Any) -> bool:
     return a != b
 
 
+def mlp_ratio_for(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` whose ``int(dim * ratio)`` (how the blocks size their MLP) gives back ``hidden``.
+
+    ``hidden / dim`` can come back one short in floating point (dim 88, hidden 120 gives 119).
+    """
+    return hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim
+
+
 def image_processor_for_model(model: nn.Module) -> Any:
     """A ``VideoMAEImageProcessor`` with the model's frame size and the mean/std it was trained with.
 
@@ -568,26 +582,60 @@ def save_hf_folder(
     """Write a folder that ``VideoMAEFor*.from_pretrained(folder)`` and ``AutoImageProcessor`` load.
 
     Besides config.json, the weights and preprocessor_config.json, it holds ``hpm_video.json``
-    (model name and kwargs) and, for HPM models, ``hpm_video_extras.safetensors`` (loss predictor and
-    teacher), which HF ignores and ``load_hf_folder`` uses to rebuild the exact model.
+    (model name, kwargs and a digest of the weights) and, for HPM models,
+    ``hpm_video_extras.safetensors`` (loss predictor and teacher), which HF ignores and
+    ``load_hf_folder`` uses to rebuild the exact model. The folder is written beside the target and
+    renamed into place, so a failed conversion leaves the earlier folder whole, never a mix of two.
     """
     from safetensors.torch import save_file
 
+    folder = os.path.normpath(folder)
+    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder}: exists and is not a model folder (no config.json); not replacing it")
     kind = model_kind(model)
     hf_model = to_hf_model(model)
-    os.makedirs(folder, exist_ok=True)
-    hf_model.save_pretrained(folder)
-    image_processor_for_model(model).save_pretrained(folder)
-    _, extras = to_hf_state_dict(model.state_dict(), kind)
-    extras_path = os.path.join(folder, HPM_EXTRAS)
-    if extras:
-        save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, extras_path)
-    elif os.path.exists(extras_path):
-        os.unlink(extras_path)  # a stale file from an earlier conversion would be loaded back
-    description = {"model_name": model_name, "model_kwargs": jsonable(dict(model_kwargs or {})), "kind": kind}
-    with open(os.path.join(folder, HPM_JSON), "w") as f:
-        json.dump(description, f, indent=2)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(folder)}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(staging)
+    try:
+        hf_model.save_pretrained(staging)
+        image_processor_for_model(model).save_pretrained(staging)
+        _, extras = to_hf_state_dict(model.state_dict(), kind)
+        if extras:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, os.path.join(staging, HPM_EXTRAS))
+        description = {"model_name": model_name, "model_kwargs": jsonable(dict(model_kwargs or {})), "kind": kind,
+                       "weights_sha256": _weights_digest(staging)}  # fmt: skip
+        with open(os.path.join(staging, HPM_JSON), "w") as f:
+            json.dump(description, f, indent=2)
+        _move_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return sorted(os.listdir(folder))
+
+
+def _move_into_place(staging: str, folder: str) -> None:
+    # Two renames: if the process dies between them, both complete folders are still on disk.
+    if not os.path.exists(folder):
+        os.rename(staging, folder)
+        return
+    previous = staging + ".previous"
+    os.rename(folder, previous)
+    os.rename(staging, folder)
+    shutil.rmtree(previous)
+
+
+def _weights_digest(folder: str) -> str:
+    """SHA-256 over the HF weight files of ``folder`` (one or sharded; safetensors or .bin)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin")):
+            digest.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def load_hf_folder(folder: str) -> tuple[nn.Module, str, dict[str, Any]]:
@@ -603,18 +651,35 @@ def load_hf_folder(folder: str) -> tuple[nn.Module, str, dict[str, Any]]:
         raise ValueError(f"{config_path}: model_type {config.model_type!r}, expected 'videomae'")
     kind = hf_kind(config)
     cls = VideoMAEForPreTraining if kind == PRETRAIN else VideoMAEForVideoClassification
-    hf_model = cls.from_pretrained(folder)
+    hf_model, loading = cls.from_pretrained(folder, output_loading_info=True)
+    # transformers fills tensors the weights lack with fresh initial values and only logs it.
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        raise ValueError(
+            f"{folder}: the weights lack {len(missing)} tensor(s) that its config.json needs "
+            f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); refusing to make them up"
+        )
+    ignored = sorted(k for k in loading.get("unexpected_keys") or () if not k.endswith("key.bias"))
+    if ignored:  # a key bias is dropped on purpose: it cancels in the softmax
+        logger.warning("%s: %d tensor(s) of the weights are not used: %s", folder, len(ignored), ", ".join(ignored[:6]))
     extras: dict[str, torch.Tensor] = {}
     overrides: dict[str, Any] = {}
-    if os.path.isfile(os.path.join(folder, HPM_EXTRAS)):
-        extras = dict(load_file(os.path.join(folder, HPM_EXTRAS)))
     description_path = os.path.join(folder, HPM_JSON)
-    model_name = None
+    description: dict[str, Any] = {}
     if os.path.isfile(description_path):
         with open(description_path) as f:
             description = json.load(f)
         overrides = dict(description.get("model_kwargs") or {})
-        model_name = description.get("model_name")
+    if os.path.isfile(os.path.join(folder, HPM_EXTRAS)):
+        recorded = description.get("weights_sha256")
+        if recorded and recorded != _weights_digest(folder):
+            raise ValueError(
+                f"{folder}: {HPM_EXTRAS} (loss predictor, teacher) was written with other weights than the "
+                f"folder holds now (re-saved by another tool?); remove it and {HPM_JSON} to load the folder "
+                "as a plain VideoMAE model"
+            )
+        extras = dict(load_file(os.path.join(folder, HPM_EXTRAS)))
+    model_name = description.get("model_name")
     model, name, kwargs = from_hf_model(hf_model, extras, overrides)
     if model_name and model_name != name:
         # Same architecture under the name it was saved with (all sizes are explicit kwargs anyway).

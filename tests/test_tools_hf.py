@@ -114,6 +114,59 @@ def test_hpm_model_converts_with_predictor_and_teacher_kept_aside(tmp_path):
     assert all(torch.equal(state[k], back_state[k]) for k in state)
 
 
+def test_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    folder = str(tmp_path / "hf")
+    first = perturbed(create_model(PRETRAIN, **PRETRAIN_KW, masking="hpm"), seed=1)
+    hf.save_hf_folder(first, folder, PRETRAIN, {**PRETRAIN_KW, "masking": "hpm"})
+    second = perturbed(create_model(PRETRAIN, **PRETRAIN_KW, masking="hpm"), seed=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)  # fails after the HF weights are written
+    with pytest.raises(OSError, match="no space"):
+        hf.save_hf_folder(second, folder, PRETRAIN, {**PRETRAIN_KW, "masking": "hpm"})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["hf"]  # no staging folder left behind
+    back, _, _ = hf.load_hf_folder(folder)  # still the first model, every tensor
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in first.state_dict().items())
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not a model folder .no config.json.; not replacing it"):
+        hf.save_hf_folder(second, str(tmp_path / "notes"))
+
+
+def test_weights_that_do_not_fit_the_folder_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = str(tmp_path / "hf")
+    hf.save_hf_folder(perturbed(create_model(PRETRAIN, **PRETRAIN_KW, masking="hpm")), folder, PRETRAIN,
+                      {**PRETRAIN_KW, "masking": "hpm"})  # fmt: skip
+    weights = os.path.join(folder, "model.safetensors")
+    state = load_file(weights)
+    # Re-saved by another tool: the loss predictor and teacher beside them belong to other weights.
+    save_file({k: v + 1 for k, v in state.items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="was written with other weights than the folder holds now"):
+        hf.load_hf_folder(folder)
+    # A tensor the config needs is missing: transformers would make it up; we refuse.
+    os.unlink(os.path.join(folder, hf.HPM_EXTRAS))
+    save_file({k: v for k, v in state.items() if "fc_norm" not in k and "decoder.norm" not in k}, weights,
+              metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"the weights lack 2 tensor\(s\) that its config.json needs \(decoder.norm"):
+        hf.load_hf_folder(folder)
+
+
+def test_mlp_width_comes_back_exactly():
+    """int(88 * (120 / 88)) is 119: the ratio read from a file must rebuild a 120-wide MLP."""
+    ratio = hf.mlp_ratio_for(120, 88)
+    ours = perturbed(create_model(CLASSIFIER, **{**CLASSIFIER_KW, "embed_dim": 88, "mlp_ratio": ratio}))
+    assert ours.blocks[0].mlp.fc1.out_features == 120
+    back, _, _ = hf.from_hf_model(hf.to_hf_model(ours))
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
 @pytest.mark.parametrize("use_mean_pooling, qkv_bias", [(True, True), (False, True), (True, False)])
 def test_classification_both_directions(use_mean_pooling, qkv_bias):
     torch.manual_seed(0)
