@@ -182,3 +182,33 @@ def test_zero_counts_and_periods_are_refused_when_loaded(key):
     """A period of 0 would divide by zero only after an epoch of work."""
     with pytest.raises(ValueError, match=f"config {key} = 0 must be >= 1"):
         load_config(None, [key, "0"])
+
+
+def test_slurm_script_runs_from_the_submit_folder_not_its_spooled_copy(tmp_path):
+    """sbatch runs a copy of the script from slurmd's spool folder; srun must still start run_pretrain.py."""
+    import shutil
+    import subprocess
+
+    spool, fake_bin = tmp_path / "spool" / "job42", tmp_path / "bin"
+    spool.mkdir(parents=True)
+    fake_bin.mkdir()
+    shutil.copy(os.path.join(REPO, "tools", "slurm_pretrain.sh"), spool / "slurm_script")
+    # A long node list: a reader that stops after the first line would kill scontrol with SIGPIPE.
+    (fake_bin / "scontrol").write_text("#!/bin/sh\necho node-a\nseq -f 'node-%g' 20000\n")
+    (fake_bin / "srun").write_text('#!/bin/sh\necho "cwd=$PWD master=$MASTER_ADDR:$MASTER_PORT args=$*"\n')
+    for tool in ("scontrol", "srun"):
+        (fake_bin / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": REPO,
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "42"}  # fmt: skip
+    env.pop("MASTER_PORT", None)
+    run = subprocess.run(["bash", str(spool / "slurm_script"), "configs/demo.yaml", "SOLVER.EPOCHS", "1"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == (
+        f"cwd={REPO} master=node-a:20042 args=--kill-on-bad-exit=1 python run_pretrain.py "
+        "--config configs/demo.yaml SOLVER.EPOCHS 1"
+    )
+    env["SLURM_SUBMIT_DIR"] = str(tmp_path)  # submitted from elsewhere: a clear refusal
+    run = subprocess.run(["bash", str(spool / "slurm_script"), "configs/demo.yaml"], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and "submit the job from the hpm-video repository root" in run.stderr
