@@ -1,6 +1,7 @@
 """Fast unit tests of the training machinery (no processes, no DeepSpeed engine)."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -156,6 +157,77 @@ def test_only_complete_checkpoints_count(tmp_path):
     assert checkpointing.resolve_tag_dir(str(tmp_path)).endswith("epoch-0003")
     with pytest.raises(FileNotFoundError, match="complete checkpoint"):
         checkpointing.resolve_tag_dir(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .latest .*epoch-0003"):
+        checkpointing.checkpoint_to_resume(str(tmp_path), auto_resume=False)
+    assert checkpointing.checkpoint_to_resume(str(tmp_path), auto_resume=True).endswith("epoch-0003")
+    assert checkpointing.checkpoint_to_resume(str(tmp_path / "fresh"), auto_resume=False) is None
+
+
+class _FakeEngine:
+    """What ``checkpointing.save`` asks of a DeepSpeed engine: a file per tag."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        with open(os.path.join(root, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"weights")
+
+
+def test_pruning_keeps_the_new_checkpoint_and_removes_markers_first(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    for epoch in range(4):
+        checkpointing.save(_FakeEngine(), out, epoch, {"epoch": epoch}, keep_last=1)
+    assert [e for e, _ in checkpointing.complete_checkpoints(out)] == [2, 3]
+    # A checkpoint numbered above the one being written is not the written one's elder: kept, and
+    # the new one survives its own pruning.
+    checkpointing.save(_FakeEngine(), out, 9, {"epoch": 9}, keep_last=1)
+    checkpointing.save(_FakeEngine(), out, 4, {"epoch": 4}, keep_last=1)
+    assert [e for e, _ in checkpointing.complete_checkpoints(out)] == [3, 4, 9]
+
+    def killed(path, ignore_errors=False):  # the process dies while deleting the first old folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save(_FakeEngine(), out, 5, {"epoch": 5}, keep_last=1)
+    # The half-deleted folder lost its marker first, so it no longer counts as a checkpoint.
+    assert [e for e, _ in checkpointing.complete_checkpoints(out)] == [4, 5, 9]
+
+
+def test_nonfinite_counts_continue_across_a_resume():
+    from types import SimpleNamespace
+
+    from hpm_video.engine.steps import NonFiniteGuard
+
+    engine = SimpleNamespace(module=torch.nn.Linear(2, 2), client_optimizer=object())
+    guard = NonFiniteGuard(3, engine)
+    for loss in (1.0, float("nan"), float("nan")):
+        guard.observe(torch.tensor(loss))
+    saved = guard.state_dict()
+    assert saved == {"total": 2, "in_row": 2}
+    resumed = NonFiniteGuard(3, engine)
+    resumed.load_state_dict(saved)
+    assert resumed.check(0, 0) == 2  # the total goes on; nothing new to warn about
+    resumed.observe(torch.tensor(float("nan")))  # the third in a row, counting those before the kill
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        resumed.check(0, 1)
+
+
+def test_resumed_log_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+    from hpm_video.engine.logger import RunLogger
+
+    path = tmp_path / "log.jsonl"
+    rows = [json.dumps({"kind": "train", "step": step, "loss": 1.0}) + "\n" for step in range(1, 6)]
+    path.write_text("".join(rows) + '{"kind": "train", "st')  # the kill cut the last line
+    RunLogger(str(tmp_path), enabled=True, tensorboard=False, resume_step=3).log(4, {"loss": 0.5})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_epoch_streams_have_their_own_seeds():
+    from hpm_video.engine.steps import MASK_STREAM, PROCESS_STREAM, epoch_seed
+
+    seeds = {epoch_seed(0, 1, MASK_STREAM), epoch_seed(0, 1, PROCESS_STREAM, 0), epoch_seed(0, 1, PROCESS_STREAM, 1),
+             epoch_seed(0, 2, MASK_STREAM)}  # fmt: skip
+    assert len(seeds) == 4 and epoch_seed(0, 1, MASK_STREAM) == epoch_seed(0, 1, MASK_STREAM)
 
 
 def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused():

@@ -198,8 +198,19 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
     wa, wb = weights(full), weights(killed)
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-7, msg=key)
-    steps = [s for s, _, _ in losses(killed)]
-    assert steps[-1] == losses(full)[-1][0]
+    # The log reads as one run: the steps the killed run logged after its checkpoint were dropped
+    # on resume, not logged twice.
+    resumed, uninterrupted = losses(killed), losses(full)
+    assert [s for s, _, _ in resumed] == [s for s, _, _ in uninterrupted]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=1e-5, atol=1e-6)
+    # A fresh start into this folder would prune its own checkpoint against the older run's: refused,
+    # before anything (config.yaml included) is written.
+    config_before = open(os.path.join(killed, "config.yaml")).read()
+    fresh = [sys.executable, "run_pretrain.py", "--config", tiny_config, "OUTPUT_DIR", killed,
+             "ENGINE.AUTO_RESUME", "False", "SOLVER.EPOCHS", "5"]  # fmt: skip
+    proc = subprocess.run(fresh, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds checkpoints of an earlier run" in proc.stderr
+    assert open(os.path.join(killed, "config.yaml")).read() == config_before
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_config, tmp_path):

@@ -1,9 +1,10 @@
 """DeepSpeed checkpoints that survive a kill at any moment.
 
 Layout: ``OUTPUT_DIR/checkpoints/epoch-NNNN/`` (a DeepSpeed tag). After every rank has written its
-files, rank 0 writes ``COMPLETE`` (atomically, with the client state as JSON). Resume only considers
-tags that have it, so a run killed mid-save falls back to the previous checkpoint. Older complete
-checkpoints beyond ``keep_last`` are removed only after a newer one is complete.
+files and flushed them to disk, rank 0 writes ``COMPLETE`` (atomically, with the client state as
+JSON). Resume only considers tags that have it, so a run killed mid-save falls back to the previous
+checkpoint. Older complete checkpoints beyond ``keep_last`` are removed only after a newer one is
+complete, marker first, so a kill mid-removal never leaves a hollow "complete" folder.
 """
 
 from __future__ import annotations
@@ -64,6 +65,36 @@ def read_client_state(tag_dir: str) -> dict:
         return json.load(f)
 
 
+def checkpoint_to_resume(output_dir: str, auto_resume: bool) -> str | None:
+    """The checkpoint a run continues from, or None for a fresh start.
+
+    A fresh start (``auto_resume`` off) is refused in a folder that holds checkpoints: its own would
+    be pruned against the older run's higher epochs, and a later resume would pick the older run.
+    """
+    latest = latest_checkpoint(output_dir)
+    if latest and not auto_resume:
+        raise ValueError(
+            f"OUTPUT_DIR {output_dir} holds checkpoints of an earlier run (latest {latest}); with "
+            "ENGINE.AUTO_RESUME False use another OUTPUT_DIR or remove its checkpoints/ folder, or "
+            "continue that run with ENGINE.AUTO_RESUME True"
+        )
+    return latest
+
+
+def _flush_to_disk(folder: str) -> None:
+    # The marker must not reach the disk before the files it vouches for (power loss, OS crash).
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(
     engine, output_dir: str, epoch: int, client_state: dict, keep_last: int = 2, extra_files: dict | None = None
 ) -> str:
@@ -81,14 +112,18 @@ def save(
             os.unlink(stale)
     dist_utils.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    _flush_to_disk(tag_dir)  # every rank: its own files, wherever they are
     dist_utils.barrier()
     if dist_utils.is_main():
         from hpm_video.checkpoint import save_atomic
 
         for name, state in (extra_files or {}).items():
             save_atomic(state, os.path.join(tag_dir, name))
+        _flush_to_disk(tag_dir)
         write_json_atomic(os.path.join(tag_dir, MARKER), client_state)
-        for _, old in complete_checkpoints(output_dir)[: -(keep_last + 1)]:
+        older = [path for done, path in complete_checkpoints(output_dir) if done < epoch]
+        for old in older[: max(0, len(older) - keep_last)]:
+            os.unlink(os.path.join(old, MARKER))
             shutil.rmtree(old, ignore_errors=True)
     dist_utils.barrier()
     return tag_dir

@@ -43,6 +43,7 @@ from hpm_video.engine import distributed as dist_utils
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import StepSchedules
 from hpm_video.engine.steps import (
+    PROCESS_STREAM,
     LogWindow,
     NonFiniteGuard,
     backward_and_step,
@@ -295,10 +296,10 @@ def train(cfg: CfgNode) -> dict[str, str]:
     from hpm_video.finetune_init import load_pretrained, read_checkpoint, write_report
 
     check_settings(cfg)
+    latest = checkpointing.checkpoint_to_resume(cfg.OUTPUT_DIR, cfg.ENGINE.AUTO_RESUME)  # before writing anything
     device, rank, world = start_run(cfg)
     main = rank == 0
 
-    latest = checkpointing.latest_checkpoint(cfg.OUTPUT_DIR) if cfg.ENGINE.AUTO_RESUME else None
     resume_state = checkpointing.read_client_state(latest) if latest else None
 
     seed_all(cfg.SEED)  # same initial weights on every rank
@@ -353,7 +354,8 @@ def train(cfg: CfgNode) -> dict[str, str]:
     engine, optimizer = _initialize_engine(model, cfg, device)
     module = engine.module
     fp16 = cfg.ENGINE.PRECISION == "fp16"
-    run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD)
+    run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD,
+                        resume_step=resume_state["global_step"] if resume_state else None)  # fmt: skip
     paths["log"] = run_log.path
     start_epoch, skipped_total = 0, 0
     best: dict = {"top1": None, "epoch": None, "weights": None}  # JSON-safe: it goes into the checkpoint marker
@@ -383,10 +385,12 @@ def train(cfg: CfgNode) -> dict[str, str]:
         )  # fmt: skip
 
     guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS, engine)
+    if resume_state and "nonfinite" in resume_state:
+        guard.load_state_dict(resume_state["nonfinite"])
     schedules = StepSchedules(cfg.SOLVER, base_lr, total_updates, warmup_updates)
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
         loader.sampler.set_epoch(epoch)
-        seed_all(epoch_seed(cfg.SEED, epoch) + rank)  # mixup draws from numpy's global RNG
+        seed_all(epoch_seed(cfg.SEED, epoch, PROCESS_STREAM, rank))  # mixup draws from numpy's global RNG
         engine.train()
         window = LogWindow(("loss", "acc1"), device)
         bar = run_log.progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}")
@@ -456,6 +460,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
             client_state = {
                 "epoch": epoch, "global_step": int(engine.global_steps), "skipped_samples": skipped_total,
                 "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": jsonable(kwargs), "best": best,
+                "nonfinite": guard.state_dict(),
             }  # fmt: skip
             extra = None
             if ema is not None:

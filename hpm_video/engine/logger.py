@@ -12,17 +12,38 @@ from tqdm import tqdm
 class RunLogger:
     """Writes ``log.jsonl`` and TensorBoard events in ``output_dir`` on the main rank."""
 
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(
+        self, output_dir: str, enabled: bool, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        """``resume_step``: the step of the checkpoint a run resumes from; what was logged after it
+        (by the killed run, which the resumed one repeats) is dropped from both logs."""
         self.enabled = enabled
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, "log.jsonl")
         self.writer = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
+            if resume_step is not None:
+                self._drop_after(resume_step)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1  # hides events from that step on
+                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
+
+    def _drop_after(self, step: int) -> None:
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        # A line cut by the kill is not JSON; it goes too.
+        kept = [line for line in lines if line.endswith("\n") and _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.enabled:
@@ -42,3 +63,10 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -22,6 +22,8 @@ from hpm_video.engine.deepspeed_setup import initialize
 from hpm_video.engine.logger import RunLogger
 from hpm_video.engine.optim import StepSchedules
 from hpm_video.engine.steps import (
+    MASK_STREAM,
+    PROCESS_STREAM,
     LogWindow,
     NonFiniteGuard,
     backward_and_step,
@@ -94,6 +96,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     """Run (or resume) pretraining; returns the paths of what it wrote."""
     from hpm_video.data import build_loader
 
+    latest = checkpointing.checkpoint_to_resume(cfg.OUTPUT_DIR, cfg.ENGINE.AUTO_RESUME)  # before writing anything
     device, rank, world = start_run(cfg)
     main = rank == 0
 
@@ -114,12 +117,11 @@ def train(cfg: CfgNode) -> dict[str, str]:
 
     engine, optimizer = initialize(model, cfg, device, clips_per_step(cfg))
     module = engine.module
-    run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD)
-    start_epoch, skipped_total = 0, 0
-    latest = checkpointing.latest_checkpoint(cfg.OUTPUT_DIR) if cfg.ENGINE.AUTO_RESUME else None
+    state = checkpointing.load(engine, latest) if latest else {}
+    run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD,
+                        resume_step=state.get("global_step"))  # fmt: skip
+    start_epoch, skipped_total = state.get("epoch", -1) + 1, state.get("skipped_samples", 0)
     if latest:
-        state = checkpointing.load(engine, latest)
-        start_epoch, skipped_total = state["epoch"] + 1, state.get("skipped_samples", 0)
         logger.info("resumed from %s: epoch %d, step %d", latest, start_epoch, engine.global_steps)
     if main:
         logger.info(
@@ -132,12 +134,14 @@ def train(cfg: CfgNode) -> dict[str, str]:
     if latest:
         paths["checkpoint"] = latest
     guard = NonFiniteGuard(cfg.ENGINE.MAX_BAD_STEPS, engine)
+    if "nonfinite" in state:
+        guard.load_state_dict(state["nonfinite"])
     schedules = StepSchedules(cfg.SOLVER, base_lr, total_updates, warmup_updates)
     for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
         loader.sampler.set_epoch(epoch)
-        seed_all(epoch_seed(cfg.SEED, epoch) + rank)
+        seed_all(epoch_seed(cfg.SEED, epoch, PROCESS_STREAM, rank))
         # Shared by all ranks: each takes its slice of the global batch's mask noise.
-        mask_gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.SEED, epoch))
+        mask_gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.SEED, epoch, MASK_STREAM))
         alpha = easy_to_hard_alpha(epoch, cfg.SOLVER.EPOCHS, cfg.MASK.ALPHA_MAX)
         decay = ema_decay(epoch)
         engine.train()
@@ -179,6 +183,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
             client_state = {
                 "epoch": epoch, "global_step": int(engine.global_steps), "skipped_samples": skipped_total,
                 "seed": cfg.SEED, "model_name": cfg.MODEL.NAME, "model_kwargs": jsonable(kwargs),
+                "nonfinite": guard.state_dict(),
             }  # fmt: skip
             paths["checkpoint"] = checkpointing.save(engine, cfg.OUTPUT_DIR, epoch, client_state, cfg.ENGINE.KEEP_LAST)
         if vis_batch is not None and (last or (epoch + 1) % cfg.ENGINE.VIS_EVERY_EPOCHS == 0):

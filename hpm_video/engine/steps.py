@@ -36,9 +36,15 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of every random stream of ``epoch``: a function of the run's seed and the epoch only."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+# Ids of the random streams an epoch draws from, so that no two share a seed.
+MASK_STREAM = 1  # the mask noise, shared by all ranks
+PROCESS_STREAM = 2  # a rank's global RNGs (drop path, mixup), with the rank as a further id
+
+
+def epoch_seed(seed: int, epoch: int, *stream: int) -> int:
+    """The seed of a random stream of ``epoch``: a function of the run's seed, the epoch and the
+    stream's ids only, so a resumed epoch draws what it drew before."""
+    return int(np.random.SeedSequence([seed, epoch, *stream]).generate_state(1)[0])
 
 
 class NonFiniteGuard:
@@ -93,6 +99,17 @@ class NonFiniteGuard:
         else:
             self.drop_on_host = bool(bad)
         return ~bad
+
+    def state_dict(self) -> dict[str, int]:
+        """The counters, for a checkpoint (one read-back; checkpoints follow a log step anyway)."""
+        total, in_row, _ = self._counts.tolist()
+        return {"total": total, "in_row": in_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the counts of a resumed run: its total, and a run of bad steps across the kill."""
+        self.total = self._reported = int(state["total"])
+        in_row = int(state["in_row"])
+        self._counts.copy_(torch.tensor([self.total, in_row, in_row], dtype=torch.int64))
 
     def end_round(self) -> None:
         """After the optimiser step of an accumulation round: the next round starts clean."""
