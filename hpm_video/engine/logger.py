@@ -36,8 +36,9 @@ class RunLogger:
             return
         with open(self.path) as f:
             lines = f.readlines()
-        # A line cut by the kill is not JSON; it goes too.
-        kept = [line for line in lines if line.endswith("\n") and _step_of(line) is not None and _step_of(line) <= step]
+        # A line cut by the kill (no newline, not JSON) goes too.
+        steps = [_step_of(line) if line.endswith("\n") else None for line in lines]
+        kept = [line for line, at in zip(lines, steps) if at is not None and at <= step]
         if len(kept) == len(lines):
             return
         tmp = self.path + ".tmp"
