@@ -220,6 +220,11 @@ def test_resumed_log_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_p
     path.write_text("".join(rows) + '{"kind": "train", "st')  # the kill cut the last line
     RunLogger(str(tmp_path), enabled=True, tensorboard=False, resume_step=3).log(4, {"loss": 0.5})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    RunLogger(str(tmp_path), enabled=True, tensorboard=False)  # no training run (a progress bar): kept
+    assert len(path.read_text().splitlines()) == 4
+    # Killed before its first checkpoint: the restart is a fresh start and repeats every step.
+    RunLogger(str(tmp_path), enabled=True, tensorboard=False, resume_step=0).log(1, {"loss": 0.9})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
 
 
 def test_epoch_streams_have_their_own_seeds():

@@ -355,7 +355,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     module = engine.module
     fp16 = cfg.ENGINE.PRECISION == "fp16"
     run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD,
-                        resume_step=resume_state["global_step"] if resume_state else None)  # fmt: skip
+                        resume_step=resume_state["global_step"] if resume_state else 0)  # fmt: skip
     paths["log"] = run_log.path
     start_epoch, skipped_total = 0, 0
     best: dict = {"top1": None, "epoch": None, "weights": None}  # JSON-safe: it goes into the checkpoint marker

@@ -15,8 +15,9 @@ class RunLogger:
     def __init__(
         self, output_dir: str, enabled: bool, tensorboard: bool = True, resume_step: int | None = None
     ) -> None:
-        """``resume_step``: the step of the checkpoint a run resumes from; what was logged after it
-        (by the killed run, which the resumed one repeats) is dropped from both logs."""
+        """``resume_step``: for a training run, the step of the checkpoint it resumes from (0 for a
+        fresh start): what was logged after it (by a killed run, whose steps this one repeats) is
+        dropped from both logs. None (a logger for a progress bar, say) leaves them as they are."""
         self.enabled = enabled
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, "log.jsonl")
@@ -28,7 +29,8 @@ class RunLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                purge = None if resume_step is None else resume_step + 1  # hides events from that step on
+                # purge_step hides the events of the repeated steps (TensorBoard keeps the files).
+                purge = None if resume_step is None else resume_step + 1
                 self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
 
     def _drop_after(self, step: int) -> None:

@@ -119,7 +119,7 @@ def train(cfg: CfgNode) -> dict[str, str]:
     module = engine.module
     state = checkpointing.load(engine, latest) if latest else {}
     run_log = RunLogger(cfg.OUTPUT_DIR, enabled=main, tensorboard=cfg.ENGINE.TENSORBOARD,
-                        resume_step=state.get("global_step"))  # fmt: skip
+                        resume_step=state.get("global_step", 0))  # fmt: skip
     start_epoch, skipped_total = state.get("epoch", -1) + 1, state.get("skipped_samples", 0)
     if latest:
         logger.info("resumed from %s: epoch %d, step %d", latest, start_epoch, engine.global_steps)
