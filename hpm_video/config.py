@@ -1,7 +1,7 @@
 """All hyper-parameters in one place: fvcore ``CfgNode`` defaults, YAML files with ``_BASE_``, and
 ``KEY VALUE`` command-line overrides.
 
-    cfg = load_config("configs/k400/hpm_vit_base.yaml", ["SOLVER.EPOCHS", "10"])
+    cfg = load_config("configs/pretrain/k400/vit_base_hpm.yaml", ["SOLVER.EPOCHS", "10"])
 
 YAML is read with a safe loader (fvcore's default). Unknown keys, wrong types and invalid choices
 are refused with a message naming the key and the valid options.
