@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -101,13 +102,54 @@ def _has_mask_index(args: tuple) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
 
+def _count_device_waits(syncs: Counter[str]) -> Callable[[], None]:
+    """Count whole-device waits (``torch.cuda.synchronize``, DeepSpeed's accelerator's), which no
+    dispatched operation shows, into ``syncs``; returns the function that undoes the patching.
+
+    DeepSpeed's throughput timer waits this way on the CPU too (a no-op there), so a CPU run sees it.
+    """
+    targets: list[Any] = [torch.cuda]
+    if "deepspeed.accelerator" in sys.modules:
+        from deepspeed.accelerator import get_accelerator
+
+        targets.append(get_accelerator())
+    active = [False]  # DeepSpeed's CUDA accelerator calls torch.cuda's: count the outer call only
+    patched = []
+    for owner in targets:
+        original = owner.synchronize
+        own_attribute = "synchronize" in vars(owner)
+
+        def counted(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
+            if active[0]:
+                return _original(*args, **kwargs)
+            syncs[f"device synchronize @ {_call_site(skip_torch=False)}"] += 1
+            active[0] = True
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                active[0] = False
+
+        owner.synchronize = counted
+        patched.append((owner, original, own_attribute))
+
+    def undo() -> None:
+        for owner, original, own_attribute in reversed(patched):
+            if own_attribute:
+                owner.synchronize = original
+            else:
+                del owner.synchronize
+
+    return undo
+
+
 class StepProbe(TorchDispatchMode):
     """Counts kernels, host syncs and live tensor bytes of the operations run inside it.
 
     ``probe.track(*tensors_or_modules_or_optimizers)`` registers what already exists (weights,
     optimiser state, the input batch), so the peak includes it; ``with probe.phase("backward"):``
     attributes kernels to a named phase. Results: ``kernels`` (per phase), ``syncs`` (``op @ site``
-    -> count), ``peak_bytes``, ``peak_phase``, ``live_bytes`` (now).
+    -> count; whole-device waits as ``device synchronize @ site``), ``peak_bytes``, ``peak_phase``,
+    ``live_bytes`` (now).
     """
 
     def __init__(self) -> None:
@@ -166,6 +208,16 @@ class StepProbe(TorchDispatchMode):
         finally:
             self.current_phase = previous
 
+    def __enter__(self) -> StepProbe:
+        self._undo_wait_counting = _count_device_waits(self.syncs)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._undo_wait_counting()
+
     # ------------------------------------------------------------------------------- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "prim":  # metadata queries (``prim.device`` ...) of tensor subclasses
@@ -221,6 +273,9 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                             "aten::div", "aten::sum", "aten::mean", "aten::pow", "aten::sqrt", "aten::rsqrt",
                             "aten::exp", "aten::var", "aten::std", "aten::where", "aten::neg", "aten::abs")),
 )  # fmt: skip
+# Inductor's pointwise, reduction, persistent-reduction and foreach kernels: a copy feeding the
+# attention is ``triton_poi_fused__scaled_dot_product_flash_attention_...``, not attention.
+INDUCTOR_FUSED_PREFIXES = ("triton_poi_", "triton_red_", "triton_per_", "triton_for_", "cpp_fused_")
 OTHER_KERNELS = "other"
 # Every category a breakdown can report, in the order tables show them.
 KERNEL_CATEGORY_ORDER: tuple[str, ...] = (*(name for name, _ in KERNEL_CATEGORIES), OTHER_KERNELS)
@@ -229,6 +284,8 @@ KERNEL_CATEGORY_ORDER: tuple[str, ...] = (*(name for name, _ in KERNEL_CATEGORIE
 def kernel_category(name: str) -> str:
     """The ``KERNEL_CATEGORIES`` name of a kernel (CUDA kernel name or ATen op), else ``"other"``."""
     lowered = name.lower()
+    if lowered.startswith(INDUCTOR_FUSED_PREFIXES):  # before all patterns: named after what they fuse
+        return "inductor_fused"
     for category, patterns in KERNEL_CATEGORIES:
         if any(pattern in lowered for pattern in patterns):
             return category

@@ -130,6 +130,7 @@ def test_deepspeed_config_from_cfg():
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 5.0 and ds["zero_optimization"]["stage"] == 3
     assert "fp16" not in ds and "torch_autocast" not in ds
+    assert ds["timers"]["throughput"]["enabled"] is False  # it waits for the GPU twice per step
     assert "compute_grad_norm" not in ds["zero_optimization"]  # ZeRO-3 has no such option
     # ZeRO-1/2 without clipping: no gradient norm (nothing reads it; the guard catches NaN updates).
     zero2 = load_config(os.path.join(REPO, "configs/demo.yaml"), ["ENGINE.ZERO_STAGE", "2"])

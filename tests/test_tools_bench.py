@@ -138,15 +138,27 @@ def test_gpu_check_report_table_and_plot(tmp_path, capsys):
         {**base, "masking": "hpm", "engine": "plain", "clips_per_s": 520.0, "model_tflops": 371.4, "mfu": 0.376,
          "kernels": {"kernel_ms_per_step": 230.0, "busy_fraction": 0.935, "kernels_per_step": 1480.0,
                      "share": {"attention": 0.21, "gemm": 0.55, "inductor_fused": 0.2, "other": 0.04}}},
+        {"check": "bench_train", "error": "OutOfMemoryError: CUDA out of memory", "args": "--model y --batch 256",
+         "model": "hpm_pretrain_vit_base_patch16", "masking": "hpm"},  # bench_train's own failure line
         {"check": "bench_train", "skipped": "budget: 3s left, needs ~60s", "args": "--model x --zero 3"},
+        {"check": "pytest -m cuda", "rc": 1, "summary": "1 failed, 10 passed", "problems": ["FAILED t.py::a"]},
     ]  # fmt: skip
     log = tmp_path / "gpu_check.jsonl"
-    log.write_text("a warning line\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, '{"check": "pytest -m cuda", "summary": "bad \\escape"}')  # one broken line costs only itself
+    log.write_text("a warning line\n" + "\n".join(lines) + "\n")
     png = tmp_path / "plot.png"
     assert report.main([str(log), "--plot", str(png)]) == 0
-    table, kernels = capsys.readouterr().out.split("\n\n")
+    out = capsys.readouterr()
+    assert "gpu_check.jsonl:5: skipped, not JSON" in out.err
+    table, kernels, others = out.out.split("\n\n")
+    assert others.splitlines() == [
+        '* environment: torch: "2.11"',
+        '* pytest -m cuda: rc: 1, summary: "1 failed, 10 passed", problems: ["FAILED t.py::a"]',
+    ]
     table = table.splitlines()
-    assert len(table) == 2 + 5 and all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
+    assert len(table) == 2 + 6 and all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
+    assert "| `--model y --batch 256` | failed: OutOfMemoryError: CUDA out of memory |" in table[-2]
     # MFU against bench_train's peak (989 for the H200) and against the 790.
     assert "| NVIDIA H200 | ViT-B | random | 128 | yes | no | plain | 1600.0 | 80.0 | 30.5 | 340.6 | 34.4% | 43.1% |" \
         in table
@@ -165,3 +177,12 @@ def test_gpu_check_report_table_and_plot(tmp_path, capsys):
 
     with Image.open(png) as image:
         assert image.size[0] == 1000 and image.size[1] > 60
+
+
+def test_a_failed_run_prints_one_json_line_the_report_shows(capsys):
+    bench = _cli()
+    args = [*TINY_ARGS, "--frames", "5"]  # the last --frames counts: the tubelet of 2 does not divide 5
+    assert bench.main(args) == 1
+    line = json.loads(capsys.readouterr().out)
+    assert line["check"] == "bench_train" and line["args"] == " ".join(args)
+    assert line["error"].startswith("ValueError: clip size not divisible: 5 frames by tubelet 2")

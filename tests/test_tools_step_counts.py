@@ -41,6 +41,19 @@ def test_probe_names_each_host_sync_and_where_it_was_asked_for():
     assert probe.kernels["other"] >= 3
 
 
+def test_probe_counts_whole_device_waits():
+    """DeepSpeed's throughput timer waited on the GPU twice per step: no dispatched op shows that."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    with StepProbe() as probe:
+        accelerator.synchronize()  # a no-op on the CPU, a torch.cuda.synchronize() on a GPU
+    [(site, count)] = probe.syncs.items()
+    assert count == 1 and site.startswith("device synchronize @ ") and "test_tools_step_counts.py" in site
+    assert "synchronize" not in vars(accelerator) and torch.cuda.synchronize.__module__ == "torch.cuda"  # undone
+
+
 def test_probe_sees_copies_between_host_and_device_on_fake_cuda():
     """What a CPU run never shows: on fake CUDA tensors, host <-> device copies are listed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -212,6 +225,8 @@ KERNEL_NAMES = {
     "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
     "triton_red_fused__to_copy_add_native_layer_norm_3": "inductor_fused",
     "triton_poi_fused_gelu_7": "inductor_fused",
+    "triton_poi_fused__scaled_dot_product_flash_attention_transpose_4": "inductor_fused",  # a copy feeding SDPA
+    "triton_per_fused__scaled_dot_product_efficient_attention_backward_sum_9": "inductor_fused",
     "void at::native::(anonymous namespace)::multi_tensor_apply_for_fused_optimizer<4, FusedAdamMathFunctor>":
         "optimizer_ema",
     "void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>, LerpFunctor<float>, float>": "optimizer_ema",

@@ -308,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         # binds the stdout of the moment it is created) go to stderr.
         with contextlib.redirect_stdout(sys.stderr):
             result = run(args)
-    except (ValueError, RuntimeError) as err:
-        print(json.dumps({"error": str(err).splitlines()[0], "model": args.model, "masking": args.masking}))
+    except (ValueError, RuntimeError) as err:  # out of memory, a failed compile, a refused setting
+        first_line = (str(err).splitlines() or [""])[0]
+        print(json.dumps({"check": "bench_train", "error": f"{type(err).__name__}: {first_line}",
+                          "args": " ".join(sys.argv[1:] if argv is None else argv),
+                          "model": args.model, "masking": args.masking}))  # fmt: skip
         return 1
     print(json.dumps(result))
     return 0 if result["losses_finite"] else 1

@@ -7,7 +7,8 @@ clips/s, step ms, peak GiB, model TFLOP/s, MFU against bench_train's peak and ag
 790 TFLOP/s; skipped and failed runs say so) and, with ``--plot``,
 draws clips/s per run as horizontal bars labelled with the MFU (PIL only, no plotting library).
 Runs profiled with ``bench_train.py --profile-steps`` get a second table: kernel time and launches
-per step, how busy the device was, and the share of each kind of kernel.
+per step, how busy the device was, and the share of each kind of kernel. The other lines (environment,
+CUDA tests, skipped groups) follow as a list.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def read_lines(path: str) -> list[dict[str, Any]]:
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+            except json.JSONDecodeError as err:  # one bad line must not cost the rest of the run
+                print(f"{path}:{number}: skipped, not JSON ({err})", file=sys.stderr)
     return rows
 
 
@@ -64,8 +65,8 @@ def label(row: dict[str, Any]) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
     for row in rows:
-        if row.get("check") == "bench_train" and ("skipped" in row or "error" in row):
-            reason = row.get("skipped") or row.get("error")
+        if row.get("check") == "bench_train" and "clips_per_s" not in row:
+            reason = row.get("skipped") or row.get("error") or "no result"
             lines.append(f"| - | `{row.get('args', '')}` | {'skipped' if 'skipped' in row else 'failed'}: {reason} "
                          + "| " * (len(COLUMNS) - 3) + "|")  # fmt: skip
             continue
@@ -107,10 +108,23 @@ def kernel_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def other_checks(rows: list[dict[str, Any]]) -> str:
+    """Everything that is not a benchmark run (environment, CUDA tests, skipped groups), one line each."""
+    lines = []
+    for row in rows:
+        check = row.get("check")
+        if check is None or check == "bench_train":
+            continue
+        details = ", ".join(f"{k}: {json.dumps(v)}" for k, v in row.items() if k != "check")
+        lines.append(f"* {check}: {details}")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     results = [r for r in rows if "clips_per_s" in r]
     if not results:
-        raise ValueError("no bench_train results to plot")
+        print(f"no bench_train results: {path} not written", file=sys.stderr)
+        return
     font = ImageFont.load_default()
     bar_h, gap, left, right, top = 22, 8, 260, 140, 40
     width = 1000
@@ -143,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels = kernel_table(rows)
     if kernels:
         print("\n" + kernels)
+    others = other_checks(rows)
+    if others:
+        print("\n" + others)
     if args.plot:
         plot(rows, args.plot)
     return 0
