@@ -16,7 +16,10 @@ Facts about the HF implementation that the conversion accounts for:
     the installed release: it writes the config's ``qkv_bias`` (which all of them accept), names
     the q/v biases as the built model does, and gives a model that has a key bias a zero one. A key
     bias read from HF is dropped whatever its value: it adds ``q . b_k`` to every score of a query,
-    which the softmax cancels, so the outputs do not change;
+    which the softmax cancels, so the outputs do not change. Folders are read from their stored
+    weights, not through ``from_pretrained`` (5.17's re-initialises the ``q_bias``/``v_bias`` that
+    4.x and 5.24 store, and only logs it), with the q/v biases' presence taken from the weights, so a
+    folder written by one of these releases loads exactly under another;
   * its pretraining encoder has a final LayerNorm (``videomae.layernorm``) only when
     ``use_mean_pooling=False``, so pretraining configs are written with ``use_mean_pooling=False``
     and classifier configs with the classifier's own pooling choice;
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import secrets
@@ -59,8 +61,6 @@ HPM_JSON = "hpm_video.json"
 HPM_EXTRAS = "hpm_video_extras.safetensors"
 EXTRA_PREFIXES = ("loss_predictor.", "teacher.")
 
-logger = logging.getLogger(__name__)
-
 # Per-block renames, ours -> HF, besides the fused qkv which is split separately.
 _BLOCK_RENAMES = (
     ("norm1.", "layernorm_before."),
@@ -76,6 +76,7 @@ _BLOCK_RENAMES = (
     ("attn.v_bias", "attention.attention.v_bias"),
 )
 _HF_KEY_BIAS = "attention.attention.key.bias"
+_HF_QV_BIASES = ("attention.attention.q_bias", "attention.attention.query.bias")  # 4.x and 5.24 / 5.x names
 _QKV_HF = ("attention.attention.query.weight", "attention.attention.key.weight", "attention.attention.value.weight")
 
 # Block containers and plain renames for the two model kinds, ours -> HF.
@@ -522,19 +523,33 @@ def from_hf_model(
     ``overrides`` are model kwargs HF cannot describe (``masking``, ``mask_ratio``, ...); they may not
     contradict the architecture read from the HF config.
     """
-    kind = hf_kind(hf_model.config)
-    name, kwargs = model_config_from_hf(hf_model.config, kind)
+    return from_hf_weights(hf_model.config, hf_model.state_dict(), extras, overrides, source="HF model")
+
+
+def from_hf_weights(
+    config: Any,
+    hf_state: Mapping[str, torch.Tensor],
+    extras: Mapping[str, torch.Tensor] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    source: str = "HF weights",
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """``from_hf_model`` from a ``VideoMAEConfig`` and HF-named weights of any transformers release."""
+    kind = hf_kind(config)
+    name, kwargs = model_config_from_hf(config, kind)
+    # Query/value biases are read off the weights: releases name the config flag differently
+    # (qkv_bias, qv_bias) and each reads only its own, so the config can be wrong about them.
+    kwargs["qkv_bias"] = any(key.endswith(_HF_QV_BIASES) for key in hf_state)
     if overrides:
         clashes = {k: (v, kwargs[k]) for k, v in overrides.items() if k in kwargs and _differs(v, kwargs[k])}
         if clashes:
             raise ValueError(f"hpm-video description contradicts the HF config (given, HF): {clashes}")
         kwargs = {**overrides, **kwargs}
-    state = from_hf_state_dict(hf_model.state_dict(), kind)
+    state = from_hf_state_dict(hf_state, kind)
     state.update(extras or {})
     if kind == PRETRAIN and "use_predictor" not in kwargs and "masking" not in kwargs:
         kwargs["use_predictor"] = any(k.startswith("loss_predictor.") for k in state)
         kwargs["masking"] = "hpm" if any(k.startswith("teacher.") for k in state) else "random"
-    return build_model_from_state(state, name, kwargs, source="HF model"), name, kwargs
+    return build_model_from_state(state, name, kwargs, source=source), name, kwargs
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -638,9 +653,28 @@ def _weights_digest(folder: str) -> str:
     return digest.hexdigest()
 
 
+def _read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The tensors of an HF folder's weights (one file or shards; safetensors or .bin, read as data)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            break
+    else:
+        single = ("model.safetensors", "pytorch_model.bin")
+        files = [name for name in single if os.path.isfile(os.path.join(folder, name))][:1]
+        if not files:
+            raise ValueError(f"{folder}: no {' or '.join(single)} (found {sorted(os.listdir(folder))})")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    return state
+
+
 def load_hf_folder(folder: str) -> tuple[nn.Module, str, dict[str, Any]]:
     """Load an HF VideoMAE folder (ours or any other) as an hpm-video model: (model, name, kwargs)."""
-    from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
+    from transformers import VideoMAEConfig
 
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
@@ -649,19 +683,10 @@ def load_hf_folder(folder: str) -> tuple[nn.Module, str, dict[str, Any]]:
     config = VideoMAEConfig.from_pretrained(folder)
     if getattr(config, "model_type", None) != "videomae":
         raise ValueError(f"{config_path}: model_type {config.model_type!r}, expected 'videomae'")
-    kind = hf_kind(config)
-    cls = VideoMAEForPreTraining if kind == PRETRAIN else VideoMAEForVideoClassification
-    hf_model, loading = cls.from_pretrained(folder, output_loading_info=True)
-    # transformers fills tensors the weights lack with fresh initial values and only logs it.
-    missing = sorted(loading.get("missing_keys") or ())
-    if missing:
-        raise ValueError(
-            f"{folder}: the weights lack {len(missing)} tensor(s) that its config.json needs "
-            f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); refusing to make them up"
-        )
-    ignored = sorted(k for k in loading.get("unexpected_keys") or () if not k.endswith("key.bias"))
-    if ignored:  # a key bias is dropped on purpose: it cancels in the softmax
-        logger.warning("%s: %d tensor(s) of the weights are not used: %s", folder, len(ignored), ", ".join(ignored[:6]))
+    # The weights are read as they are stored, not through ``from_pretrained``: transformers fills
+    # a tensor the file lacks, or names as another release did (q_bias vs query.bias), with a fresh
+    # value and only logs it. Every stored tensor must be used and every needed one present.
+    hf_state = _read_hf_weights(folder)
     extras: dict[str, torch.Tensor] = {}
     overrides: dict[str, Any] = {}
     description_path = os.path.join(folder, HPM_JSON)
@@ -680,7 +705,7 @@ def load_hf_folder(folder: str) -> tuple[nn.Module, str, dict[str, Any]]:
             )
         extras = dict(load_file(os.path.join(folder, HPM_EXTRAS)))
     model_name = description.get("model_name")
-    model, name, kwargs = from_hf_model(hf_model, extras, overrides)
+    model, name, kwargs = from_hf_weights(config, hf_state, extras, overrides, source=folder)
     if model_name and model_name != name:
         # Same architecture under the name it was saved with (all sizes are explicit kwargs anyway).
         model = build_model_from_state(model.state_dict(), model_name, kwargs, source=folder)

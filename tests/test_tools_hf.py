@@ -154,8 +154,39 @@ def test_weights_that_do_not_fit_the_folder_are_refused(tmp_path):
     os.unlink(os.path.join(folder, hf.HPM_EXTRAS))
     save_file({k: v for k, v in state.items() if "fc_norm" not in k and "decoder.norm" not in k}, weights,
               metadata={"format": "pt"})  # fmt: skip
-    with pytest.raises(ValueError, match=r"the weights lack 2 tensor\(s\) that its config.json needs \(decoder.norm"):
+    with pytest.raises(ValueError, match=r"hf: does not fit hpm_pretrain_vit_tiny_patch16: missing \['decoder.norm"):
         hf.load_hf_folder(folder)
+
+
+def test_folder_written_by_another_transformers_release_loads_exactly(tmp_path):
+    """4.x and 5.24 store q_bias/v_bias (config qv_bias), 5.17 query/key/value biases (config qkv_bias);
+    each release's from_pretrained fills the other's names with fresh values, so the folder is read as stored."""
+    from safetensors.torch import load_file, save_file
+
+    ours = perturbed(create_model(CLASSIFIER, **CLASSIFIER_KW))
+    folder = str(tmp_path / "hf")
+    hf.save_hf_folder(ours, folder, CLASSIFIER, CLASSIFIER_KW)
+    weights = os.path.join(folder, "model.safetensors")
+    config_path = os.path.join(folder, "config.json")
+    config = json.load(open(config_path))
+    state = load_file(weights)
+    other = {}
+    for key, value in state.items():  # to the other naming, whichever this release wrote
+        for legacy, modern in (("q_bias", "query.bias"), ("v_bias", "value.bias")):
+            if key.endswith("attention.attention." + legacy):
+                key = key[: -len(legacy)] + modern
+                if modern == "query.bias":
+                    other[key[: -len("query.bias")] + "key.bias"] = torch.zeros_like(value)
+            elif key.endswith("attention.attention." + modern):
+                key = key[: -len(modern)] + legacy
+        if not key.endswith("attention.attention.key.bias"):
+            other[key] = value
+    assert set(other) != set(state)
+    save_file(other, weights, metadata={"format": "pt"})
+    config.pop("qv_bias", None), config.pop("qkv_bias", None)
+    json.dump({**config, "qkv_bias" if "q_bias" not in str(list(other)) else "qv_bias": True}, open(config_path, "w"))
+    back, _, _ = hf.load_hf_folder(folder)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
 def test_mlp_width_comes_back_exactly():
