@@ -69,7 +69,8 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             continue
         # Wrappers nest in either order: DDP(compile(m)) saves "module._orig_mod.", compile(DDP(m)) the reverse.
         while name.startswith(STRIP_PREFIXES):
-            name = name[len(next(p for p in STRIP_PREFIXES if name.startswith(p))) :]
+            for prefix in STRIP_PREFIXES:
+                name = name.removeprefix(prefix)
         out[name] = value
     return out
 

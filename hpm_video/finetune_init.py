@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import nn
 
 from hpm_video.checkpoint import key_prefixes, load_file, unwrap_state_dict
@@ -187,8 +188,7 @@ def _saved_pos_grid(ckpt: Checkpoint, model_kwargs: Mapping[str, Any]) -> tuple[
     table = ckpt.state.get("pos_embed")
     if proj is None or table is None or "num_frames" not in model_kwargs or "img_size" not in model_kwargs:
         return None
-    size = model_kwargs["img_size"]
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = to_2tuple(model_kwargs["img_size"])
     tubelet, patch_h, patch_w = proj.shape[2:]  # (D, C, t, p, p)
     grid = (int(model_kwargs["num_frames"]) // tubelet, int(height) // patch_h, int(width) // patch_w)
     return grid if math.prod(grid) == table.shape[1] else None

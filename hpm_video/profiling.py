@@ -32,6 +32,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -102,44 +103,38 @@ def _has_mask_index(args: tuple) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
 
-def _count_device_waits(syncs: Counter[str]) -> Callable[[], None]:
+@contextlib.contextmanager
+def _counting_device_waits(syncs: Counter[str]) -> Iterator[None]:
     """Count whole-device waits (``torch.cuda.synchronize``, DeepSpeed's accelerator's), which no
-    dispatched operation shows, into ``syncs``; returns the function that undoes the patching.
+    dispatched operation shows, into ``syncs`` while the block runs.
 
     DeepSpeed's throughput timer waits this way on the CPU too (a no-op there), so a CPU run sees it.
     """
-    targets: list[Any] = [torch.cuda]
+    owners: list[Any] = [torch.cuda]
     if "deepspeed.accelerator" in sys.modules:
         from deepspeed.accelerator import get_accelerator
 
-        targets.append(get_accelerator())
-    active = [False]  # DeepSpeed's CUDA accelerator calls torch.cuda's: count the outer call only
-    patched = []
-    for owner in targets:
-        original = owner.synchronize
-        own_attribute = "synchronize" in vars(owner)
+        owners.append(get_accelerator())
+    inside = False  # DeepSpeed's CUDA accelerator calls torch.cuda's: count the outer call only
 
-        def counted(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
-            if active[0]:
-                return _original(*args, **kwargs)
+    def counting(original: Callable) -> Callable:
+        def synchronize(*args: Any, **kwargs: Any) -> Any:
+            nonlocal inside
+            if inside:
+                return original(*args, **kwargs)
             syncs[f"device synchronize @ {_call_site(skip_torch=False)}"] += 1
-            active[0] = True
+            inside = True
             try:
-                return _original(*args, **kwargs)
+                return original(*args, **kwargs)
             finally:
-                active[0] = False
+                inside = False
 
-        owner.synchronize = counted
-        patched.append((owner, original, own_attribute))
+        return synchronize
 
-    def undo() -> None:
-        for owner, original, own_attribute in reversed(patched):
-            if own_attribute:
-                owner.synchronize = original
-            else:
-                del owner.synchronize
-
-    return undo
+    with contextlib.ExitStack() as patches:
+        for owner in owners:
+            patches.enter_context(mock.patch.object(owner, "synchronize", counting(owner.synchronize)))
+        yield
 
 
 class StepProbe(TorchDispatchMode):
@@ -209,14 +204,15 @@ class StepProbe(TorchDispatchMode):
             self.current_phase = previous
 
     def __enter__(self) -> StepProbe:
-        self._undo_wait_counting = _count_device_waits(self.syncs)
+        self._waits = _counting_device_waits(self.syncs)
+        self._waits.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         try:
             super().__exit__(*exc)
         finally:
-            self._undo_wait_counting()
+            self._waits.__exit__(None, None, None)
 
     # ------------------------------------------------------------------------------- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -264,7 +260,7 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("gemm", ("triton_tem", "gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk", "cublas", "aten::mm",
               "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation", "convolution")),
     ("communication", ("nccl", "gloo", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "c10d")),
-    ("inductor_fused", ("triton_", "cpp_fused")),
+    ("inductor_fused", ("triton_",)),  # other Triton kernels; INDUCTOR_FUSED_PREFIXES come first
     ("optimizer_ema", ("adam", "foreach", "multi_tensor_apply", "lerp")),
     ("copy", ("memcpy", "memset", "copy", "catarray", "aten::cat", "aten::clone", "aten::fill_", "aten::zero_")),
     ("index_sort", ("index", "gather", "scatter", "sort", "topk")),

@@ -167,6 +167,11 @@ def _deepspeed_step(args: argparse.Namespace, device: torch.device, videos: torc
     return engine.module, step, flops
 
 
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (JSON lines stay one line)."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
 def profile_kernels(step, device: torch.device, steps: int, step_s: float) -> dict[str, Any]:
     """Where ``steps`` more steps spend their kernel time (``hpm_video.profiling.kernel_breakdown``)."""
     from torch.profiler import ProfilerActivity, profile, schedule
@@ -189,7 +194,7 @@ def profile_kernels(step, device: torch.device, steps: int, step_s: float) -> di
                 prof.step()
         breakdown = kernel_breakdown(kernels, steps)
     except Exception as err:  # a profiler the machine refuses must not cost the timed figures
-        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"}
+        return {"error": error_line(err)}
     # On the CPU the profiler's own overhead inflates the ops' times: no meaningful ratio there.
     busy = breakdown["kernel_ms_per_step"] / (step_s * 1e3) if device.type == "cuda" else None
     breakdown["busy_fraction"] = None if busy is None else round(busy, 4)
@@ -309,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             result = run(args)
     except (ValueError, RuntimeError) as err:  # out of memory, a failed compile, a refused setting
-        first_line = (str(err).splitlines() or [""])[0]
-        print(json.dumps({"check": "bench_train", "error": f"{type(err).__name__}: {first_line}",
+        print(json.dumps({"check": "bench_train", "error": error_line(err),
                           "args": " ".join(sys.argv[1:] if argv is None else argv),
                           "model": args.model, "masking": args.masking}))  # fmt: skip
         return 1

@@ -94,14 +94,20 @@ cuda_tests() {
         local left=$((BUDGET_S - ($(date +%s) - START)))
         local limit=$((left < TESTS_MIN_S ? TESTS_MIN_S : left))
         limit=$((limit > TESTS_S ? TESTS_S : limit))
-        local log rc summary failed
+        local log rc
         log=$(mktemp)
         timeout "$limit" "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests >"$log" 2>&1
         rc=$?
         cat "$log" >&2
-        summary=$(tail -n 1 "$log" | tr -d '"=\\')
-        failed=$(grep -E '^(FAILED|ERROR) ' "$log" | head -n 20 | tr -d '"\\' | sed 's/.*/"&"/' | paste -sd, -)
-        emit "{\"check\": \"pytest -m cuda\", \"rc\": $rc, \"summary\": \"${summary}\", \"problems\": [${failed}]}"
+        # Python writes the JSON: pytest's lines may hold quotes, backslashes, anything.
+        emit "$("$PYTHON" - "$rc" "$log" <<'EOF'
+import json, sys
+lines = open(sys.argv[2], errors="replace").read().splitlines()
+problems = [line for line in lines if line.startswith(("FAILED ", "ERROR "))][:20]
+summary = lines[-1].strip("= ") if lines else ""
+print(json.dumps({"check": "pytest -m cuda", "rc": int(sys.argv[1]), "summary": summary, "problems": problems}))
+EOF
+)"
         # rc 5: nothing collected (no CUDA-marked tests) is not a failure of this machine.
         if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then status=1; fi
         rm -f "$log"

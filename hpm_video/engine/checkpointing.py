@@ -81,16 +81,16 @@ def checkpoint_to_resume(output_dir: str, auto_resume: bool) -> str | None:
     return latest
 
 
-def _flush_to_disk(folder: str) -> None:
+def _flush_to_disk(folder: str, files: bool = True) -> None:
     # The marker must not reach the disk before the files it vouches for (power loss, OS crash).
-    for name in os.listdir(folder):
+    for name in os.listdir(folder) if files else ():
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fsync(fd)  # the folder's entries (names of the files renamed into it)
     finally:
         os.close(fd)
 
@@ -118,8 +118,9 @@ def save(
         from hpm_video.checkpoint import save_atomic
 
         for name, state in (extra_files or {}).items():
-            save_atomic(state, os.path.join(tag_dir, name))
-        _flush_to_disk(tag_dir)
+            save_atomic(state, os.path.join(tag_dir, name))  # fsyncs the file itself
+        if extra_files:
+            _flush_to_disk(tag_dir, files=False)
         write_json_atomic(os.path.join(tag_dir, MARKER), client_state)
         older = [path for done, path in complete_checkpoints(output_dir) if done < epoch]
         for old in older[: max(0, len(older) - keep_last)]:
