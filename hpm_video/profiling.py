@@ -30,7 +30,7 @@ import sys
 import traceback
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from unittest import mock
 
@@ -275,6 +275,15 @@ INDUCTOR_FUSED_PREFIXES = ("triton_poi_", "triton_red_", "triton_per_", "triton_
 OTHER_KERNELS = "other"
 # Every category a breakdown can report, in the order tables show them.
 KERNEL_CATEGORY_ORDER: tuple[str, ...] = (*(name for name, _ in KERNEL_CATEGORIES), OTHER_KERNELS)
+# Which of SDPA's backends an attention kernel belongs to; cuDNN first, as its kernels' names carry
+# "flash" too (``cudnn_generated_fort_native_sdpa_sm90_flash_fprop_*``). The dispatching
+# ``aten::scaled_dot_product_attention`` matches none: it is not a backend.
+ATTENTION_BACKENDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("cudnn", ("cudnn",)),
+    ("efficient", ("fmha", "memeff", "efficient_attention")),
+    ("flash", ("flash",)),
+    ("math", ("attention_math",)),
+)
 
 
 def kernel_category(name: str) -> str:
@@ -286,6 +295,21 @@ def kernel_category(name: str) -> str:
         if any(pattern in lowered for pattern in patterns):
             return category
     return OTHER_KERNELS
+
+
+def attention_backend(name: str) -> str | None:
+    """The SDPA backend (``cudnn``, ``efficient``, ``flash``, ``math``) an attention kernel belongs to."""
+    if kernel_category(name) != "attention":
+        return None
+    lowered = name.lower()
+    return next((backend for backend, patterns in ATTENTION_BACKENDS if any(p in lowered for p in patterns)), None)
+
+
+def attention_backends(names: Iterable[str]) -> list[str]:
+    """The SDPA backends whose kernels appear in ``names``: which one torch picked shows only in the
+    kernels it ran."""
+    seen = {attention_backend(name) for name in names}
+    return [backend for backend, _ in ATTENTION_BACKENDS if backend in seen]
 
 
 def profiled_kernels(prof: torch.profiler.profile, device_type: str) -> list[tuple[str, float]]:
@@ -329,6 +353,7 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 12
         "kernels_per_step": round(len(kernels) / steps, 1),
         "share": {c: round(by_category[c] / total_us, 4) for c in present},
         "ms_per_step": {c: round(by_category[c] / steps / 1e3, 3) for c in present},
+        "attention_backends": attention_backends(time_by_name),
         "top": [
             {"name": name[:160], "category": kernel_category(name), "ms_per_step": round(us / steps / 1e3, 3),
              "calls_per_step": round(calls[name] / steps, 1)}

@@ -160,7 +160,7 @@ def test_profiled_step_names_its_kernels():
     from torch.profiler import ProfilerActivity, profile
 
     from hpm_video.masking import alpha_tensor
-    from hpm_video.profiling import kernel_breakdown, profiled_kernels
+    from hpm_video.profiling import kernel_breakdown, kernel_category, profiled_kernels
 
     model = model_on_cuda(masking="hpm")
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
@@ -183,3 +183,5 @@ def test_profiled_step_names_its_kernels():
     assert kernels and result["kernel_ms_per_step"] > 0
     assert {"gemm", "attention", "optimizer_ema"} <= set(result["share"]), result["top"]
     assert sum(result["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    # The backend torch picked is read off the attention kernels' names (cuDNN's, FlashAttention-2's...).
+    assert result["attention_backends"], sorted({n for n, _ in kernels if kernel_category(n) == "attention"})

@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 from tool_helpers import load_tool, subprocess_env
 
 from hpm_video.profiling import KERNEL_CATEGORY_ORDER
@@ -10,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {
     "device", "device_name", "model", "batch", "precision", "masking", "compile", "grad_ckpt", "steps",
     "step_time_ms", "clips_per_s", "peak_memory_gib", "memory_kind", "train_gflops_per_clip", "flops_method",
-    "model_tflops", "peak_bf16_tflops", "mfu", "losses_finite",
+    "model_tflops", "peak_bf16_tflops", "mfu", "losses_finite", "sdpa_backend",
 }  # fmt: skip
 
 
@@ -47,6 +48,7 @@ def test_cpu_tiny_run_prints_valid_json(capsys):
     assert all(kernels["share"][c] > 0 for c in ("gemm", "attention", "optimizer_ema"))
     assert {k["category"] for k in kernels["top"]} <= set(KERNEL_CATEGORY_ORDER)
     assert kernels["busy_fraction"] is None  # a GPU-only ratio
+    assert result["sdpa_backend"] == "auto" and kernels["attention_backends"] == ["flash"]  # torch's pick on a CPU
 
 
 def test_hpm_mode_counts_the_teacher_and_mfu_uses_the_peak(capsys):
@@ -137,7 +139,12 @@ def test_gpu_check_report_table_and_plot(tmp_path, capsys):
                      "share": {"gemm": 0.7, "norm": 0.3}}},  # a CPU run: no MFU, no busy ratio
         {**base, "masking": "hpm", "engine": "plain", "clips_per_s": 520.0, "model_tflops": 371.4, "mfu": 0.376,
          "kernels": {"kernel_ms_per_step": 230.0, "busy_fraction": 0.935, "kernels_per_step": 1480.0,
-                     "share": {"attention": 0.21, "gemm": 0.55, "inductor_fused": 0.2, "other": 0.04}}},
+                     "share": {"attention": 0.21, "gemm": 0.55, "inductor_fused": 0.2, "other": 0.04},
+                     "attention_backends": ["cudnn"]}},
+        {**base, "masking": "random", "compile": False, "engine": "plain", "sdpa_backend": "flash",
+         "clips_per_s": 900.0, "model_tflops": 182.6, "mfu": 0.185,
+         "kernels": {"kernel_ms_per_step": 140.0, "busy_fraction": 0.99, "kernels_per_step": 850.0,
+                     "share": {"attention": 0.3, "gemm": 0.7}, "attention_backends": ["flash"]}},
         {"check": "bench_train", "error": "OutOfMemoryError: CUDA out of memory", "args": "--model y --batch 256",
          "model": "hpm_pretrain_vit_base_patch16", "masking": "hpm"},  # bench_train's own failure line
         {"check": "bench_train", "skipped": "budget: 3s left, needs ~60s", "args": "--model x --zero 3"},
@@ -157,11 +164,13 @@ def test_gpu_check_report_table_and_plot(tmp_path, capsys):
         '* pytest -m cuda: rc: 1, summary: "1 failed, 10 passed", problems: ["FAILED t.py::a"]',
     ]
     table = table.splitlines()
-    assert len(table) == 2 + 6 and all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
+    assert len(table) == 2 + 7 and all(line.count("|") == len(report.COLUMNS) + 1 for line in table)
     assert "| `--model y --batch 256` | failed: OutOfMemoryError: CUDA out of memory |" in table[-2]
     # MFU against bench_train's peak (989 for the H200) and against the issue's 790.
-    assert "| NVIDIA H200 | ViT-B | random | 128 | yes | no | plain | 1600.0 | 80.0 | 30.5 | 340.6 | 34.4% | 43.1% |" \
-        in table
+    headline = "| NVIDIA H200 | ViT-B | random | 128 | yes | no | plain | auto | 1600.0 | 80.0 | 30.5 | 340.6 |"
+    assert f"{headline} 34.4% | 43.1% |" in table
+    # The attention backend: the one allowed (--sdpa-backend), else torch's pick as its kernels show.
+    assert "| plain | auto (cudnn) | 520.0 |" in table[5] and "| plain | flash | 900.0 |" in table[6]
     assert table[4].endswith("| 5.0 | 80.0 | 30.5 | 1.0 | - | - |")  # a CPU run has neither
     assert "skipped: budget" in table[-1]
     # The profiled runs' second table: one row each, the profiler's failure said as such.
@@ -169,10 +178,11 @@ def test_gpu_check_report_table_and_plot(tmp_path, capsys):
     # Columns: the categories some run has, in KERNEL_CATEGORIES's order.
     header = "| run | kernel ms/step | busy | kernels/step | attention | gemm | inductor_fused | norm | other |"
     assert kernels[0] == header
-    assert len(kernels) == 2 + 3 and all(line.count("|") == 10 for line in kernels)
+    assert len(kernels) == 2 + 4 and all(line.count("|") == 10 for line in kernels)
     assert "profiler failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in kernels[2]
     assert kernels[3] == "| ViT-B random b128 | 300.0 | - | 900 | 0.0% | 70.0% | 0.0% | 30.0% | 0.0% |"
     assert kernels[4] == "| ViT-B hpm b128 compile | 230.0 | 94% | 1480 | 21.0% | 55.0% | 20.0% | 0.0% | 4.0% |"
+    assert kernels[5] == "| ViT-B random b128 only-flash | 140.0 | 99% | 850 | 30.0% | 70.0% | 0.0% | 0.0% | 0.0% |"
     from PIL import Image
 
     with Image.open(png) as image:
@@ -186,3 +196,15 @@ def test_a_failed_run_prints_one_json_line_the_report_shows(capsys):
     line = json.loads(capsys.readouterr().out)
     assert line["check"] == "bench_train" and line["args"] == " ".join(args)
     assert line["error"].startswith("ValueError: clip size not divisible: 5 frames by tubelet 2")
+
+
+def test_sdpa_backend_allows_one_attention_backend_and_refuses_one_that_cannot_run(capsys):
+    bench = _cli()
+    assert bench.main([*TINY_ARGS, "--masking", "hpm", "--sdpa-backend", "math", "--profile-steps", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sdpa_backend"] == "math" and result["losses_finite"]
+    assert result["kernels"]["attention_backends"] == ["math"]  # student, teacher and decoders alike
+    # cuDNN attention has no CPU kernel: the run fails as one JSON line, and the flags are restored.
+    assert bench.main([*TINY_ARGS, "--sdpa-backend", "cudnn"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"].startswith("RuntimeError: ")
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()

@@ -12,7 +12,7 @@ from tool_helpers import load_tool, subprocess_env
 
 import hpm_video  # noqa: F401
 from hpm_video.models import create_model
-from hpm_video.profiling import StepProbe, kernel_breakdown, kernel_category
+from hpm_video.profiling import StepProbe, attention_backends, kernel_breakdown, kernel_category
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=3,
@@ -255,6 +255,17 @@ def test_kernel_categories_of_real_kernel_names():
     assert {name: kernel_category(name) for name in KERNEL_NAMES} == KERNEL_NAMES
 
 
+def test_attention_backends_from_kernel_names():
+    # cuDNN's kernels carry "flash" too; inductor's copies feeding SDPA and the dispatcher are no backend.
+    assert attention_backends(KERNEL_NAMES) == ["cudnn", "efficient", "flash"]
+    cudnn = [n for n in KERNEL_NAMES if n.startswith("cudnn")]
+    assert attention_backends([*cudnn, "triton_poi_fused__scaled_dot_product_flash_attention_transpose_4"]) == ["cudnn"]
+    assert attention_backends(["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_attention_math"]) == [
+        "math"
+    ]
+    assert attention_backends(["nvjet_tst_a", "aten::scaled_dot_product_attention"]) == []
+
+
 def test_kernel_breakdown_per_step_shares_and_longest():
     kernels = [("nvjet_tst_a", 300.0), ("nvjet_tst_a", 300.0), ("triton_poi_fused_add_0", 100.0),
                ("flash_fwd_kernel", 200.0), ("nvjet_tst_a", 300.0), ("Memset (Device)", 10.0)]  # fmt: skip
@@ -265,6 +276,7 @@ def test_kernel_breakdown_per_step_shares_and_longest():
     assert result["share"] == {c: pytest.approx(v, abs=1e-4) for c, v in shares.items()}
     assert list(result["share"]) == ["attention", "gemm", "inductor_fused", "copy"]  # the categories' order
     assert result["ms_per_step"]["gemm"] == pytest.approx(0.45)
+    assert result["attention_backends"] == ["flash"]
     assert result["top"] == [
         {"name": "nvjet_tst_a", "category": "gemm", "ms_per_step": 0.45, "calls_per_step": 1.5},
         {"name": "flash_fwd_kernel", "category": "attention", "ms_per_step": 0.1, "calls_per_step": 0.5},

@@ -21,10 +21,11 @@ MFU against the GPU's peak dense bf16 TFLOP/s (null on CPU or an unknown GPU; ``
 overrides). ``--profile-steps N`` runs N more steps under ``torch.profiler`` after the timed ones and
 adds ``kernels``: device kernel time and launches per step, the share of each kind of kernel (GEMM,
 attention, inductor's fused kernels, optimiser and EMA, copies, ...; ``hpm_video.profiling``), the
-longest kernels, and ``busy_fraction``, kernel time over the unprofiled step time (well under 1: the
-device waits for the host). On the CPU the "kernels" are ATen operations' own time (views included;
-inductor's compiled C++ kernels are not ATen operations and are not seen) and ``busy_fraction`` is
-null.
+longest kernels, the attention backends whose kernels ran (``attention_backends``: torch's pick
+shows only there; ``--sdpa-backend`` allows one alone), and ``busy_fraction``, kernel time over the
+unprofiled step time (well under 1: the device waits for the host). On the CPU the "kernels" are
+ATen operations' own time (views included; inductor's compiled C++ kernels are not ATen operations
+and are not seen) and ``busy_fraction`` is null.
 Peaks used: H100 SXM 989, H100 NVL 835, H100 PCIe 756, H200 989 (same chip as H100
 SXM; some sources, the project issue included, quote 790), A100 312.
 Runs on CPU too (``--device cpu``; precision defaults to fp32 there, as bf16 autocast on CPU is slow).
@@ -42,6 +43,7 @@ import time
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hpm_video  # noqa: F401  (registers the models; imports neither fvcore nor deepspeed nor av)
 from hpm_video.engine import COMPILE_MODES
@@ -57,6 +59,13 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312.0),
 )
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --sdpa-backend: the one attention backend allowed ("auto": torch's own choice among all).
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -252,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "use_predictor": model.loss_predictor is not None,
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
+        "sdpa_backend": args.sdpa_backend,
         "engine": "plain" if args.zero is None else f"deepspeed_zero{args.zero}",
         "grad_ckpt": args.grad_ckpt,
         "warmup_steps": args.warmup,
@@ -288,6 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile mode with --compile")  # fmt: skip
+    parser.add_argument("--sdpa-backend", default="auto", choices=("auto", *SDPA_BACKENDS),
+                        help="allow only this attention backend (a shape it cannot serve fails the run); "
+                             "default: torch picks")  # fmt: skip
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), metavar="STAGE",
                         help="run the training loop's step on a DeepSpeed engine at this ZeRO stage "
@@ -311,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Only the JSON goes to stdout: libraries' prints and DeepSpeed's logger (whose handler
         # binds the stdout of the moment it is created) go to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        only = SDPA_BACKENDS.get(args.sdpa_backend)
+        with contextlib.redirect_stdout(sys.stderr), sdpa_kernel(only) if only else contextlib.nullcontext():
             result = run(args)
     except (ValueError, RuntimeError) as err:  # out of memory, a failed compile, a refused setting
         print(json.dumps({"check": "bench_train", "error": error_line(err),

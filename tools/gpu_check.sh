@@ -6,9 +6,9 @@
 #      mask 0.9, bf16): random and hpm compiled at batch 128, each with two more steps under
 #      torch.profiler (where the kernel time goes: GEMM, attention, fused, ...); then the
 #      CUDA-marked tests (`pytest -m cuda`, one JSON line, full log on stderr); then random eager
-#      (profiled too) at batch 128, hpm
-#      eager at 64, ViT-L batch 32 with activation checkpointing, and (where DeepSpeed imports) the
-#      training loop's step on DeepSpeed ZeRO 0, 2 and 3 against plain training.
+#      (profiled too) at batch 128, hpm eager at 64, ViT-L batch 32 with activation checkpointing,
+#      random eager again with only cuDNN's and only FlashAttention's attention, and (where
+#      DeepSpeed imports) the training loop's step on DeepSpeed ZeRO 0, 2 and 3 against plain training.
 # tools/report_gpu_check.py turns the lines into the Markdown table and the plot of docs/performance.md.
 # Every run has its own time limit and the whole script a budget (BUDGET_S, default 420 s): a run
 # that would start after the budget is reported as skipped instead, so the script always ends in time
@@ -54,7 +54,8 @@ status=0
 
 emit "$("$PYTHON" - <<'EOF'
 import importlib.util, json, torch
-info = {"check": "environment", "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+info = {"check": "environment", "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
 if torch.cuda.is_available():
     info["device_name"] = torch.cuda.get_device_name(0)
     info["capability"] = list(torch.cuda.get_device_capability(0))
@@ -125,6 +126,11 @@ bench 30 --model $B --batch 128 --masking random --profile-steps 2  # eager: wha
 bench 40 --model $B --batch 64 --masking hpm
 bench 60 --model $L --batch 32 --masking random --grad-ckpt
 bench 80 --model $L --batch 32 --masking hpm --grad-ckpt
+# Attention backends head to head, each allowed alone. torch prefers cuDNN's on Hopper only with a
+# cuDNN newer than 9.15 (the environment line says which is loaded), else FlashAttention-2's.
+for attn in cudnn flash; do
+    bench 30 --model $B --batch 128 --masking random --profile-steps 2 --sdpa-backend "$attn"
+done
 if "$PYTHON" -c "import deepspeed, fvcore" >/dev/null 2>&1; then
     bench 30 --model $B --batch 64 --masking random  # the plain baseline of the ZeRO runs
     for stage in 0 2 3; do

@@ -3,9 +3,9 @@
     python tools/report_gpu_check.py gpu_check.jsonl --plot docs/gpu_check.png >> table.md
 
 Prints a Markdown table of every ``bench_train`` result (GPU, model, masking, batch, compile, engine,
-clips/s, step ms, peak GiB, model TFLOP/s, MFU against bench_train's peak and against the issue's
-790 TFLOP/s; skipped and failed runs say so) and, with ``--plot``,
-draws clips/s per run as horizontal bars labelled with the MFU (PIL only, no plotting library).
+attention backend, clips/s, step ms, peak GiB, model TFLOP/s, MFU against bench_train's peak and
+against the issue's 790 TFLOP/s; skipped and failed runs say so) and, with ``--plot``, draws clips/s
+per run as horizontal bars labelled with the MFU (PIL only, no plotting library).
 Runs profiled with ``bench_train.py --profile-steps`` get a second table: kernel time and launches
 per step, how busy the device was, and the share of each kind of kernel. The other lines (environment,
 CUDA tests, skipped groups) follow as a list.
@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hpm_video.profiling import KERNEL_CATEGORY_ORDER
 
-COLUMNS = ("GPU", "model", "masking", "batch", "compile", "ckpt", "engine", "clips/s", "step ms", "peak GiB",
-           "model TFLOP/s", "MFU", "MFU @790")  # fmt: skip
+COLUMNS = ("GPU", "model", "masking", "batch", "compile", "ckpt", "engine", "attention", "clips/s", "step ms",
+           "peak GiB", "model TFLOP/s", "MFU", "MFU @790")  # fmt: skip
 # The GPU-speed issue states its MFU figures against 790 TFLOP/s (about what a large bf16 matrix
 # product reaches on the H200), bench_train against the datasheet's 989: both are shown.
 ISSUE_PEAK_TFLOPS = 790.0
@@ -59,7 +59,19 @@ def label(row: dict[str, Any]) -> str:
         parts.append("ckpt")
     if row.get("engine", "plain") != "plain":
         parts.append(row["engine"].replace("deepspeed_", ""))
+    if row.get("sdpa_backend", "auto") != "auto":
+        parts.append(f"only-{row['sdpa_backend']}")
     return " ".join(parts)
+
+
+def attention(row: dict[str, Any]) -> str:
+    """The attention backend: the one ``--sdpa-backend`` allowed, else torch's pick as the profiled
+    kernels show it (``auto (cudnn)``), else ``auto``."""
+    allowed = row.get("sdpa_backend", "auto")
+    if allowed != "auto":
+        return allowed
+    ran = (row.get("kernels") or {}).get("attention_backends")  # absent when the profiler failed
+    return f"auto ({', '.join(ran)})" if ran else "auto"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -76,7 +88,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = (
             row.get("device_name", "?"), short_model(row["model"]), row["masking"], row["batch"],
             "yes" if row.get("compile") else "no", "yes" if row.get("grad_ckpt") else "no",
-            row.get("engine", "plain"), f"{row['clips_per_s']:.1f}", f"{row['step_time_ms']:.1f}",
+            row.get("engine", "plain"), attention(row), f"{row['clips_per_s']:.1f}", f"{row['step_time_ms']:.1f}",
             f"{row['peak_memory_gib']:.1f}", f"{row['model_tflops']:.1f}",
             "-" if mfu is None else f"{100 * mfu:.1f}%",
             "-" if row.get("device") == "cpu" else f"{100 * row['model_tflops'] / ISSUE_PEAK_TFLOPS:.1f}%",
