@@ -286,23 +286,24 @@ ATTENTION_BACKENDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def _first_match(lowered: str, table: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
+    """The name of the first ``(name, patterns)`` entry with a pattern in ``lowered``, else None."""
+    return next((name for name, patterns in table if any(pattern in lowered for pattern in patterns)), None)
+
+
 def kernel_category(name: str) -> str:
     """The ``KERNEL_CATEGORIES`` name of a kernel (CUDA kernel name or ATen op), else ``"other"``."""
     lowered = name.lower()
     if lowered.startswith(INDUCTOR_FUSED_PREFIXES):  # before all patterns: named after what they fuse
         return "inductor_fused"
-    for category, patterns in KERNEL_CATEGORIES:
-        if any(pattern in lowered for pattern in patterns):
-            return category
-    return OTHER_KERNELS
+    return _first_match(lowered, KERNEL_CATEGORIES) or OTHER_KERNELS
 
 
 def attention_backend(name: str) -> str | None:
     """The SDPA backend (``cudnn``, ``efficient``, ``flash``, ``math``) an attention kernel belongs to."""
     if kernel_category(name) != "attention":
         return None
-    lowered = name.lower()
-    return next((backend for backend, patterns in ATTENTION_BACKENDS if any(p in lowered for p in patterns)), None)
+    return _first_match(name.lower(), ATTENTION_BACKENDS)
 
 
 def attention_backends(names: Iterable[str]) -> list[str]:
